@@ -1,0 +1,131 @@
+/* Activations: forward y = act(x) and backward dz = dy * act'(y) fused with the bias gradient,
+ * side by side. The derivative is taken from the stored output y (sigmoid y(1-y), tanh 1-y^2,
+ * relu y > 0), so the forward pass never keeps its pre-activation.
+ * Compiled once per ISA; includes itself once per dtype (see kernel.h). */
+#ifndef FBP_TEMPLATE_PASS
+#include <omp.h>
+
+#include "kernel.h"
+
+/* Elements per thread before a second thread pays for itself (sigmoid: ~20 us of work). */
+#define ACT_THREAD_GRAIN (1 << 17)
+
+#define FBP_TEMPLATE_PASS 1
+#include "activation.c"
+#define FBP_DTYPE_F64 1
+#include "kernel.h"
+#include "activation.c"
+
+#else /* FBP_TEMPLATE_PASS */
+
+/* One loop per activation so the switch is outside the hot loop. */
+#define ACT_LOOP(FN)                                                                               \
+    do {                                                                                           \
+        int64_t i = 0;                                                                             \
+        for (; i + VL <= n; i += VL) V_(vstore)(y + i, FN(V_(vload)(x + i)));                      \
+        if (i < n) V_(vstore_part)(y + i, FN(V_(vload_part)(x + i, n - i)), n - i);                \
+    } while (0)
+
+static void LFN(act_forward_range)(REAL *y, const REAL *x, int64_t n, fbp_activation act) {
+    switch (act) {
+    case FBP_ACT_SIGMOID:
+        ACT_LOOP(V_(vsigmoid));
+        break;
+    case FBP_ACT_RELU:
+        ACT_LOOP(V_(vrelu));
+        break;
+    case FBP_ACT_TANH:
+        ACT_LOOP(V_(vtanh));
+        break;
+    default:
+        if (y != x) memmove(y, x, (size_t)n * sizeof(REAL));
+        break;
+    }
+}
+#undef ACT_LOOP
+
+fbp_status KFN(activation_forward)(REAL *y, const REAL *x, int64_t n, fbp_activation act) {
+    if (n < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
+    if (n == 0) return FBP_OK;
+    if (!y || !x) return FBP_ERR_INVALID;
+    const int nthreads = fbp_team_size(n, ACT_THREAD_GRAIN);
+    if (nthreads == 1) {
+        LFN(act_forward_range)(y, x, n, act);
+        return FBP_OK;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t lo, hi; /* in whole vectors, so only the last range has a tail */
+        fbp_split_range((n + VL - 1) / VL, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        lo *= VL;
+        hi = hi * VL < n ? hi * VL : n;
+        if (lo < hi) LFN(act_forward_range)(y + lo, x + lo, hi - lo, act);
+    }
+    return FBP_OK;
+}
+
+FBP_INLINE VEC LFN(act_grad)(VEC dy, VEC y, fbp_activation act) {
+    switch (act) {
+    case FBP_ACT_SIGMOID:
+        return dy * (y * (1 - y));
+    case FBP_ACT_TANH:
+        return dy * (1 - y * y);
+    case FBP_ACT_RELU:
+        return V_(vselect)(y > 0, dy, V_(vbcast)(0));
+    default:
+        return dy;
+    }
+}
+
+/* Columns [c0, c1) of every row, rows outer so memory is read in order. Each dbias element
+ * is summed over rows in row order, so the split of columns between threads cannot change it. */
+static void LFN(act_backward_cols)(REAL *dz, REAL *dbias, const REAL *dy, const REAL *y,
+                                   int64_t rows, int64_t cols, int64_t c0, int64_t c1,
+                                   fbp_activation act) {
+    if (dbias) memset(dbias + c0, 0, (size_t)(c1 - c0) * sizeof(REAL));
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t j = c0; j < c1; j += VL) {
+            const int64_t o = r * cols + j;
+            if (j + VL <= c1) {
+                VEC g = LFN(act_grad)(V_(vload)(dy + o), V_(vload)(y + o), act);
+                V_(vstore)(dz + o, g);
+                if (dbias) V_(vstore)(dbias + j, V_(vload)(dbias + j) + g);
+            } else {
+                const int64_t cnt = c1 - j;
+                VEC g = LFN(act_grad)(V_(vload_part)(dy + o, cnt), V_(vload_part)(y + o, cnt), act);
+                V_(vstore_part)(dz + o, g, cnt);
+                if (dbias) V_(vstore_part)(dbias + j, V_(vload_part)(dbias + j, cnt) + g, cnt);
+            }
+        }
+    }
+}
+
+fbp_status KFN(activation_backward)(REAL *dz, REAL *dbias, const REAL *dy, const REAL *y,
+                                    int64_t rows, int64_t cols, fbp_activation act) {
+    if (rows < 0 || cols < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
+    if (cols == 0) return FBP_OK;
+    if (rows == 0) {
+        if (dbias) memset(dbias, 0, (size_t)cols * sizeof(REAL));
+        return FBP_OK;
+    }
+    if (!dz || !dy || (!y && act != FBP_ACT_IDENTITY)) return FBP_ERR_INVALID;
+    if (!y) y = dy; /* identity never reads y */
+    const int64_t vcols = (cols + VL - 1) / VL;
+    int nthreads = fbp_team_size(rows * cols, ACT_THREAD_GRAIN);
+    if (nthreads > vcols) nthreads = (int)vcols;
+    if (nthreads <= 1) {
+        LFN(act_backward_cols)(dz, dbias, dy, y, rows, cols, 0, cols, act);
+        return FBP_OK;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t lo, hi;
+        fbp_split_range(vcols, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        lo *= VL;
+        hi = hi * VL < cols ? hi * VL : cols;
+        if (lo < hi) LFN(act_backward_cols)(dz, dbias, dy, y, rows, cols, lo, hi, act);
+    }
+    return FBP_OK;
+}
+
+#endif /* FBP_TEMPLATE_PASS */

@@ -1,0 +1,291 @@
+/* GEMM with fused epilogue, BLIS-style: pack B panel -> pack A block -> macro-kernel over
+ * MR x NR tiles -> register-blocked micro-kernel. The micro-kernel is written with vector
+ * extensions, so each ISA object gets its own register tile from the table below; porting to a
+ * new CPU is a new row in that table. Threads split the tiles of each block (M/N), never K, so
+ * every C element is summed in the same order for any thread count.
+ *
+ *   C[m,n] = act(alpha * A'[m,k] @ B'[k,n] + beta * C + bias[n])
+ *
+ * This file is compiled once per ISA, and includes itself once per dtype (see kernel.h). */
+#ifndef FBP_TEMPLATE_PASS
+#include <omp.h>
+#include <stdlib.h>
+
+#include "kernel.h"
+
+/* Block sizes, one row per ISA and dtype.
+ *   MR x NR : register tile (MR broadcasts of A times NV vectors of B; MR*NV accumulators).
+ *   KC      : depth of a packed panel; an MR x KC sliver of A plus a KC x NR sliver of B stay
+ *             in L1.  MC x KC of A stays in L2.  KC x NC of B stays in L3. */
+#if defined(FBP_BUILD_AVX512)
+/* 32 zmm registers: 12 x 2 accumulators + 2 B vectors + 1 broadcast. */
+enum { GEMM_MR_f32 = 12, GEMM_NV_f32 = 2, GEMM_MC_f32 = 480, GEMM_KC_f32 = 384, GEMM_NC_f32 = 3072 };
+enum { GEMM_MR_f64 = 12, GEMM_NV_f64 = 2, GEMM_MC_f64 = 240, GEMM_KC_f64 = 256, GEMM_NC_f64 = 3072 };
+#elif defined(FBP_BUILD_AVX2)
+/* 16 ymm registers: 6 x 2 accumulators + 2 B vectors + 1 broadcast. */
+enum { GEMM_MR_f32 = 6, GEMM_NV_f32 = 2, GEMM_MC_f32 = 144, GEMM_KC_f32 = 256, GEMM_NC_f32 = 4080 };
+enum { GEMM_MR_f64 = 6, GEMM_NV_f64 = 2, GEMM_MC_f64 = 72, GEMM_KC_f64 = 256, GEMM_NC_f64 = 4080 };
+#else
+/* Baseline x86-64 (SSE2, 16 xmm) or any other CPU: 4 x 2 accumulators of 16 bytes. */
+enum { GEMM_MR_f32 = 4, GEMM_NV_f32 = 2, GEMM_MC_f32 = 128, GEMM_KC_f32 = 256, GEMM_NC_f32 = 4096 };
+enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GEMM_NC_f64 = 4096 };
+#endif
+
+/* Below this many multiply-adds the packed path's fixed costs dominate: compute directly. */
+#define GEMM_DIRECT_MAX_MACS (24 * 24 * 24)
+/* A thread is worth starting for this many multiply-adds (~5 us of one core's work). */
+#define GEMM_THREAD_GRAIN_MACS (1 << 19)
+
+static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+#define FBP_TEMPLATE_PASS 1
+#include "gemm.c"
+#define FBP_DTYPE_F64 1
+#include "kernel.h"
+#include "gemm.c"
+
+#else /* FBP_TEMPLATE_PASS: the body, once per dtype */
+
+#define MR FBP_CAT(GEMM_MR_, SFX)
+#define NV FBP_CAT(GEMM_NV_, SFX)
+#define NR (NV * VL)
+#define MC FBP_CAT(GEMM_MC_, SFX)
+#define KC FBP_CAT(GEMM_KC_, SFX)
+#define NC FBP_CAT(GEMM_NC_, SFX)
+
+FBP_INLINE VEC LFN(apply_act)(VEC x, fbp_activation act) {
+    switch (act) {
+    case FBP_ACT_SIGMOID:
+        return V_(vsigmoid)(x);
+    case FBP_ACT_RELU:
+        return V_(vrelu)(x);
+    case FBP_ACT_TANH:
+        return V_(vtanh)(x);
+    default:
+        return x;
+    }
+}
+
+/* The epilogue for `cnt` <= VL consecutive elements of one row of C. The first K block scales
+ * the old C by beta (not reading it when beta == 0); later blocks add to it; the last block
+ * adds the bias and applies the activation. */
+FBP_INLINE void LFN(epilogue)(REAL *dst, VEC acc, int64_t cnt, const REAL *bias, REAL alpha,
+                              REAL beta, int first, int last, fbp_activation act) {
+    VEC x = acc * alpha;
+    int full = cnt == VL;
+    if (!first || beta != 0) {
+        VEC old = full ? V_(vload)(dst) : V_(vload_part)(dst, cnt);
+        x += first ? old * beta : old;
+    }
+    if (last) {
+        if (bias) x += full ? V_(vload)(bias) : V_(vload_part)(bias, cnt);
+        x = LFN(apply_act)(x, act);
+    }
+    if (full)
+        V_(vstore)(dst, x);
+    else
+        V_(vstore_part)(dst, x, cnt);
+}
+
+/* Pack rows [i0, i0 + MR) x cols [0, kc) of A' into an MR-interleaved sliver, zero-padded. */
+static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, int64_t cs,
+                               int64_t rows, int64_t kc) {
+    if (cs == 1 && rows == MR) {
+        for (int64_t r = 0; r < MR; r++) {
+            const REAL *src = a + r * rs;
+            for (int64_t p = 0; p < kc; p++) dst[p * MR + r] = src[p];
+        }
+        return;
+    }
+    for (int64_t p = 0; p < kc; p++) {
+        int64_t r = 0;
+        for (; r < rows; r++) dst[p * MR + r] = a[r * rs + p * cs];
+        for (; r < MR; r++) dst[p * MR + r] = 0;
+    }
+}
+
+/* Pack rows [0, kc) x cols [j0, j0 + NR) of B' into an NR-wide sliver, zero-padded. */
+static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, int64_t cs,
+                               int64_t cols, int64_t kc) {
+    if (cs == 1 && cols == NR) {
+        for (int64_t p = 0; p < kc; p++) memcpy(dst + p * NR, b + p * rs, NR * sizeof(REAL));
+        return;
+    }
+    if (rs == 1) { /* B' is a transposed row-major matrix: read each column contiguously */
+        for (int64_t j = 0; j < cols; j++) {
+            const REAL *src = b + j * cs;
+            for (int64_t p = 0; p < kc; p++) dst[p * NR + j] = src[p];
+        }
+        for (int64_t p = 0; p < kc; p++)
+            for (int64_t j = cols; j < NR; j++) dst[p * NR + j] = 0;
+        return;
+    }
+    for (int64_t p = 0; p < kc; p++) {
+        int64_t j = 0;
+        for (; j < cols; j++) dst[p * NR + j] = b[p * rs + j * cs];
+        for (; j < NR; j++) dst[p * NR + j] = 0;
+    }
+}
+
+/* acc[MR][NV] = sum_p pa[p, :] (outer) pb[p, :]; pb is 64-byte aligned. */
+FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa,
+                                  const REAL *restrict pb, int64_t kc) {
+    VEC c[MR][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) c[i][v] = V_(vbcast)(0);
+    pb = __builtin_assume_aligned(pb, FBP_VBYTES);
+    for (int64_t p = 0; p < kc; p++) {
+        VEC bv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) bv[v] = *(const VEC *)(pb + v * VL);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            VEC ai = V_(vbcast)(pa[i]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) c[i][v] += ai * bv[v];
+        }
+        pa += MR;
+        pb += NR;
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) acc[i][v] = c[i][v];
+}
+
+static void LFN(store_tile)(REAL *c, int64_t ldc, int64_t rows, int64_t cols, VEC acc[MR][NV],
+                            const REAL *bias, REAL alpha, REAL beta, int first, int last,
+                            fbp_activation act) {
+    for (int64_t i = 0; i < rows; i++) {
+        for (int64_t v = 0; v < NV && v * VL < cols; v++) {
+            int64_t j0 = v * VL;
+            LFN(epilogue)(c + i * ldc + j0, acc[i][v], min_i64(VL, cols - j0),
+                          bias ? bias + j0 : NULL, alpha, beta, first, last, act);
+        }
+    }
+}
+
+/* Small problems: no packing, no threads, no scratch. Four rows at a time for independent
+ * FMA chains; K is summed in order, as in the packed path. */
+static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
+                             int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
+                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
+                             fbp_activation act) {
+    enum { ROWS = 4 };
+    for (int64_t j0 = 0; j0 < n; j0 += VL) {
+        int64_t cnt = min_i64(VL, n - j0);
+        const REAL *bias_j = bias ? bias + j0 : NULL;
+        for (int64_t i0 = 0; i0 < m; i0 += ROWS) {
+            int64_t rows = min_i64(ROWS, m - i0);
+            VEC acc[ROWS] = {{0}};
+            for (int64_t p = 0; p < k; p++) {
+                VEC bv;
+                if (cs_b == 1 && cnt == VL) {
+                    bv = V_(vload)(b + p * rs_b + j0);
+                } else {
+                    REAL tmp[FBP_VBYTES / sizeof(REAL)] = {0};
+                    for (int64_t j = 0; j < cnt; j++) tmp[j] = b[p * rs_b + (j0 + j) * cs_b];
+                    bv = V_(vload)(tmp);
+                }
+                for (int64_t r = 0; r < rows; r++)
+                    acc[r] += V_(vbcast)(a[(i0 + r) * rs_a + p * cs_a]) * bv;
+            }
+            for (int64_t r = 0; r < rows; r++)
+                LFN(epilogue)(c + (i0 + r) * ldc + j0, acc[r], cnt, bias_j, alpha, beta, 1, 1, act);
+        }
+    }
+}
+
+static void LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
+                             int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
+                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
+                             REAL *packed_b, REAL *packed_a, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int tid = omp_get_thread_num();
+        const int team = omp_get_num_threads();
+        VEC acc[MR][NV];
+        for (int64_t jc = 0; jc < n; jc += NC) {
+            const int64_t nc = min_i64(NC, n - jc);
+            const int64_t n_bs = (nc + NR - 1) / NR; /* B slivers in this panel */
+            for (int64_t pc = 0; pc < k; pc += KC) {
+                const int64_t kc = min_i64(KC, k - pc);
+                const int first = pc == 0, last = pc + kc == k;
+                int64_t lo, hi;
+                fbp_split_range(n_bs, team, tid, &lo, &hi);
+                for (int64_t s = lo; s < hi; s++)
+                    LFN(pack_b_sliver)(packed_b + s * NR * kc, b + pc * rs_b + (jc + s * NR) * cs_b,
+                                       rs_b, cs_b, min_i64(NR, nc - s * NR), kc);
+#pragma omp barrier
+                for (int64_t ic = 0; ic < m; ic += MC) {
+                    const int64_t mc = min_i64(MC, m - ic);
+                    const int64_t n_as = (mc + MR - 1) / MR;
+                    fbp_split_range(n_as, team, tid, &lo, &hi);
+                    for (int64_t s = lo; s < hi; s++)
+                        LFN(pack_a_sliver)(packed_a + s * MR * kc,
+                                           a + (ic + s * MR) * rs_a + pc * cs_a, rs_a, cs_a,
+                                           min_i64(MR, mc - s * MR), kc);
+#pragma omp barrier
+                    /* Split the tile grid along N when it has enough slivers, else along M. */
+                    int64_t jr_lo = 0, jr_hi = n_bs, ir_lo = 0, ir_hi = n_as;
+                    if (n_bs >= team)
+                        fbp_split_range(n_bs, team, tid, &jr_lo, &jr_hi);
+                    else
+                        fbp_split_range(n_as, team, tid, &ir_lo, &ir_hi);
+                    for (int64_t jr = jr_lo; jr < jr_hi; jr++) {
+                        const int64_t j = jc + jr * NR, cols = min_i64(NR, n - j);
+                        const REAL *pb = packed_b + jr * NR * kc;
+                        for (int64_t ir = ir_lo; ir < ir_hi; ir++) {
+                            const int64_t i = ic + ir * MR, rows = min_i64(MR, m - i);
+                            LFN(micro_kernel)(acc, packed_a + ir * MR * kc, pb, kc);
+                            LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc,
+                                            bias ? bias + j : NULL, alpha, beta, first, last, act);
+                        }
+                    }
+#pragma omp barrier
+                }
+            }
+        }
+    }
+}
+
+fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
+                     int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
+                     int64_t ldc, REAL alpha, REAL beta, fbp_activation act) {
+    if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
+    if (m == 0 || n == 0) return FBP_OK;
+    if (!c || ldc < n || (k > 0 && (!a || !b))) return FBP_ERR_INVALID;
+    if (k == 0) { /* no product: C = act(beta * C + bias) */
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j += VL)
+                LFN(epilogue)(c + i * ldc + j, V_(vbcast)(0), min_i64(VL, n - j),
+                              bias ? bias + j : NULL, alpha, beta, 1, 1, act);
+        return FBP_OK;
+    }
+    const double macs = (double)m * (double)n * (double)k;
+    if (macs <= GEMM_DIRECT_MAX_MACS) {
+        LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act);
+        return FBP_OK;
+    }
+    const int64_t kc_max = min_i64(KC, k);
+    const size_t b_bytes = (size_t)round_up(kc_max * round_up(min_i64(NC, n), NR) * (int64_t)sizeof(REAL), FBP_ALIGN);
+    const size_t a_bytes = (size_t)round_up(kc_max * round_up(min_i64(MC, m), MR) * (int64_t)sizeof(REAL), FBP_ALIGN);
+    char *scratch = fbp_scratch(b_bytes + a_bytes);
+    if (!scratch) return FBP_ERR_NOMEM;
+    const int64_t work = macs > (double)INT64_MAX ? INT64_MAX : (int64_t)macs;
+    const int nthreads = fbp_team_size(work, GEMM_THREAD_GRAIN_MACS);
+    LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
+                     (REAL *)scratch, (REAL *)(scratch + b_bytes), nthreads);
+    return FBP_OK;
+}
+
+#undef MR
+#undef NV
+#undef NR
+#undef MC
+#undef KC
+#undef NC
+#endif /* FBP_TEMPLATE_PASS */

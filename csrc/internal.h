@@ -1,0 +1,54 @@
+/* Internal glue between dispatch.c and the per-ISA kernel objects. Not installed. */
+#ifndef FASTBP_INTERNAL_H
+#define FASTBP_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fastbp.h"
+
+/* One table of kernels per ISA and dtype; each kernel object defines its two tables. */
+#define FBP_TABLE_FIELDS(T)                                                                        \
+    fbp_status (*gemm)(T *, const T *, const T *, const T *, int64_t, int64_t, int64_t, int64_t,  \
+                       int64_t, int64_t, int64_t, int64_t, T, T, fbp_activation);                 \
+    fbp_status (*activation_forward)(T *, const T *, int64_t, fbp_activation);                    \
+    fbp_status (*activation_backward)(T *, T *, const T *, const T *, int64_t, int64_t,           \
+                                      fbp_activation);                                            \
+    fbp_status (*softmax_xent)(double *, T *, const T *, const int64_t *, int64_t, int64_t,       \
+                               double);                                                           \
+    fbp_status (*mse)(double *, T *, const T *, const T *, int64_t, double);                      \
+    fbp_status (*sgd_step)(T *, T *, const T *, int64_t, double, double, double, double, int,     \
+                           int);                                                                  \
+    fbp_status (*adam_step)(T *, T *, T *, const T *, int64_t, double, double, double, double,    \
+                            double, int, int64_t);
+
+typedef struct {
+    FBP_TABLE_FIELDS(float)
+} fbp_table_f32;
+typedef struct {
+    FBP_TABLE_FIELDS(double)
+} fbp_table_f64;
+
+extern const fbp_table_f32 fbp_table_f32_generic, fbp_table_f32_avx2, fbp_table_f32_avx512;
+extern const fbp_table_f64 fbp_table_f64_generic, fbp_table_f64_avx2, fbp_table_f64_avx512;
+
+/* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
+ * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on
+ * the count. */
+int fbp_team_size(int64_t work, int64_t grain);
+
+/* A 64-byte aligned scratch buffer owned by the calling thread, grown on demand and reused,
+ * so kernels do not allocate per call. Returns NULL when the allocation fails. The pointer is
+ * valid until the same thread asks again. */
+void *fbp_scratch(size_t bytes);
+
+#define FBP_ALIGN 64
+
+/* Split [0, total) into `parts` near-equal contiguous ranges; range `index` is [*lo, *hi). */
+static inline void fbp_split_range(int64_t total, int parts, int index, int64_t *lo, int64_t *hi) {
+    int64_t base = total / parts, extra = total % parts;
+    *lo = index * base + (index < extra ? index : extra);
+    *hi = *lo + base + (index < extra);
+}
+
+#endif /* FASTBP_INTERNAL_H */

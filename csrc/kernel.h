@@ -1,0 +1,45 @@
+/* Shared by the kernel families, which are compiled once per ISA (FBP_ISA_SUFFIX) and, inside
+ * each compile, once per dtype: a family file includes itself a second time with REAL = double
+ * (see FBP_TEMPLATE_BEGIN below), so float and double come from one source. */
+#ifndef FASTBP_KERNEL_H
+#define FASTBP_KERNEL_H
+
+#include "fastbp.h"
+#include "internal.h"
+#include "simd.h"
+
+#define FBP_CAT_(a, b) a##b
+#define FBP_CAT(a, b) FBP_CAT_(a, b)
+#define FBP_CAT3(a, b, c) FBP_CAT(FBP_CAT(a, b), c)
+
+#ifndef FBP_ISA_SUFFIX
+#error "kernel sources are compiled once per ISA with FBP_ISA_SUFFIX set"
+#endif
+
+#endif /* FASTBP_KERNEL_H */
+
+/* (Re)defines the dtype macros; included with FBP_DTYPE_F32 or FBP_DTYPE_F64 defined. */
+#undef REAL
+#undef SFX
+#undef VEC
+#undef IVEC
+#undef VL
+#undef V_
+#if defined(FBP_DTYPE_F64)
+#define REAL double
+#define SFX f64
+#define VEC vf64
+#define IVEC vi64
+#else
+#define REAL float
+#define SFX f32
+#define VEC vf32
+#define IVEC vi32
+#endif
+#define VL ((int64_t)(FBP_VBYTES / sizeof(REAL)))
+/* V_(vexp_nonpos) -> vexp_nonpos_f32: the simd.h helper for this dtype. */
+#define V_(name) FBP_CAT3(name, _, SFX)
+/* KFN(gemm) -> fbp_gemm_f32_avx2: this object's exported kernel. */
+#define KFN(name) FBP_CAT(FBP_CAT3(fbp_, name, _), FBP_CAT3(SFX, _, FBP_ISA_SUFFIX))
+/* LFN(helper) -> helper_f32: file-local helpers, one per dtype. */
+#define LFN(name) FBP_CAT3(name, _, SFX)

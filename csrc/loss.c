@@ -1,0 +1,103 @@
+/* Losses: value and gradient in one pass. Softmax cross-entropy on integer labels and mean
+ * squared error. The loss is accumulated in double, row by row in order (one thread: the
+ * work is O(rows * classes), small next to the GEMMs around it, and a fixed order keeps the
+ * value independent of the thread count).
+ * Compiled once per ISA; includes itself once per dtype (see kernel.h). */
+#ifndef FBP_TEMPLATE_PASS
+#include <math.h>
+
+#include "kernel.h"
+
+#define FBP_TEMPLATE_PASS 1
+#include "loss.c"
+#define FBP_DTYPE_F64 1
+#include "kernel.h"
+#include "loss.c"
+
+#else /* FBP_TEMPLATE_PASS */
+
+FBP_INLINE REAL LFN(hmax)(VEC v) {
+    REAL lanes[FBP_VBYTES / sizeof(REAL)];
+    V_(vstore)(lanes, v);
+    REAL m = lanes[0];
+    for (int64_t i = 1; i < VL; i++) m = lanes[i] > m ? lanes[i] : m;
+    return m;
+}
+
+FBP_INLINE REAL LFN(hsum)(VEC v) {
+    REAL lanes[FBP_VBYTES / sizeof(REAL)];
+    V_(vstore)(lanes, v);
+    REAL s = 0;
+    for (int64_t i = 0; i < VL; i++) s += lanes[i];
+    return s;
+}
+
+/* Softmax row by row, stable for any finite logits: exp(x - max) <= 1 never overflows. */
+fbp_status KFN(softmax_xent)(double *loss, REAL *dlogits, const REAL *logits,
+                             const int64_t *labels, int64_t rows, int64_t classes, double scale) {
+    if (!loss || rows < 0 || classes <= 0) return FBP_ERR_INVALID;
+    *loss = 0;
+    if (rows == 0) return FBP_OK;
+    if (!dlogits || !logits || !labels) return FBP_ERR_INVALID;
+    for (int64_t r = 0; r < rows; r++)
+        if (labels[r] < 0 || labels[r] >= classes) return FBP_ERR_INVALID;
+    const REAL rscale = (REAL)scale;
+    double total = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const REAL *x = logits + r * classes;
+        REAL *g = dlogits + r * classes;
+        /* NaN-propagating max: a NaN lane makes the whole row NaN below, as in torch. */
+        VEC mv = V_(vbcast)(-INFINITY);
+        int64_t j = 0;
+        for (; j + VL <= classes; j += VL) {
+            VEC xv = V_(vload)(x + j);
+            mv = V_(vselect)(xv > mv, xv, mv);
+        }
+        REAL mx = LFN(hmax)(mv);
+        for (; j < classes; j++) mx = x[j] > mx ? x[j] : mx;
+        if (mx == -INFINITY) mx = 0; /* all -inf: exp gives 0s, and the loss inf, as in torch */
+        VEC sv = V_(vbcast)(0);
+        for (j = 0; j + VL <= classes; j += VL) {
+            VEC e = V_(vexp_nonpos)(V_(vload)(x + j) - mx);
+            V_(vstore)(g + j, e);
+            sv += e;
+        }
+        REAL sum = LFN(hsum)(sv);
+        if (j < classes) {
+            const int64_t cnt = classes - j;
+            VEC e = V_(vexp_nonpos)(V_(vload_part)(x + j, cnt) - mx);
+            V_(vstore_part)(g + j, e, cnt);
+            for (; j < classes; j++) sum += g[j]; /* padded lanes hold exp(-mx): skip them */
+        }
+        const REAL inv = rscale / sum;
+        for (j = 0; j + VL <= classes; j += VL) V_(vstore)(g + j, V_(vload)(g + j) * inv);
+        for (; j < classes; j++) g[j] *= inv;
+        g[labels[r]] -= rscale;
+        total += log((double)sum) - ((double)x[labels[r]] - (double)mx);
+    }
+    *loss = total * scale;
+    return FBP_OK;
+}
+
+fbp_status KFN(mse)(double *loss, REAL *dpred, const REAL *pred, const REAL *target, int64_t n,
+                    double scale) {
+    if (!loss || n < 0) return FBP_ERR_INVALID;
+    *loss = 0;
+    if (n == 0) return FBP_OK;
+    if (!pred || !target) return FBP_ERR_INVALID;
+    const REAL gscale = (REAL)(2 * scale);
+    double total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; i++) {
+        REAL d = pred[i] - target[i];
+        total += (double)d * (double)d;
+    }
+    if (dpred) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) dpred[i] = gscale * (pred[i] - target[i]);
+    }
+    *loss = total * scale;
+    return FBP_OK;
+}
+
+#endif /* FBP_TEMPLATE_PASS */

@@ -1,0 +1,100 @@
+/* Optimizer updates over one flat buffer, one fused pass per element: torch.optim's SGD
+ * (momentum, dampening, nesterov, weight decay) and Adam/AdamW, in torch's operation order so
+ * results agree to rounding. Large buffers are split between threads by index range; every
+ * element's update is independent, so the result never depends on the split.
+ * Compiled once per ISA; includes itself once per dtype (see kernel.h). */
+#ifndef FBP_TEMPLATE_PASS
+#include <omp.h>
+#include <tgmath.h> /* sqrt resolves to sqrtf for float */
+
+#include "kernel.h"
+
+/* Parameters per thread before a second thread pays (Adam: ~15 us of streaming). */
+#define OPTIM_THREAD_GRAIN (1 << 16)
+
+#define FBP_TEMPLATE_PASS 1
+#include "optim.c"
+#define FBP_DTYPE_F64 1
+#include "kernel.h"
+#include "optim.c"
+
+#else /* FBP_TEMPLATE_PASS */
+
+static void LFN(sgd_range)(REAL *restrict p, REAL *restrict buf, const REAL *restrict g,
+                           int64_t n, REAL lr, REAL mom, REAL damp, REAL wd, int nesterov,
+                           int first) {
+    const REAL keep = 1 - damp;
+    if (mom == 0) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) p[i] -= lr * (wd != 0 ? g[i] + wd * p[i] : g[i]);
+        return;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        REAL d = wd != 0 ? g[i] + wd * p[i] : g[i];
+        REAL b = first ? d : buf[i] * mom + keep * d;
+        buf[i] = b;
+        d = nesterov ? d + mom * b : b;
+        p[i] -= lr * d;
+    }
+}
+
+fbp_status KFN(sgd_step)(REAL *param, REAL *momentum_buf, const REAL *grad, int64_t n, double lr,
+                         double momentum, double dampening, double weight_decay, int nesterov,
+                         int first_step) {
+    if (n < 0) return FBP_ERR_INVALID;
+    if (n == 0) return FBP_OK;
+    if (!param || !grad || (momentum != 0 && !momentum_buf)) return FBP_ERR_INVALID;
+    const int nthreads = fbp_team_size(n, OPTIM_THREAD_GRAIN);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int64_t lo, hi;
+        fbp_split_range(n, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        LFN(sgd_range)(param + lo, momentum_buf ? momentum_buf + lo : NULL, grad + lo, hi - lo,
+                       (REAL)lr, (REAL)momentum, (REAL)dampening, (REAL)weight_decay, nesterov,
+                       first_step);
+    }
+    return FBP_OK;
+}
+
+static void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
+                            const REAL *restrict g, int64_t n, REAL b1, REAL b2, REAL eps,
+                            REAL wd, REAL decay, REAL step_size, REAL bc2_sqrt) {
+    const REAL w1 = 1 - b1, w2 = 1 - b2;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        REAL pi = p[i] * decay; /* AdamW's decoupled decay; decay == 1 for Adam */
+        REAL gi = wd != 0 ? g[i] + wd * pi : g[i]; /* Adam's L2 term; wd == 0 for AdamW */
+        REAL mi = m[i] + w1 * (gi - m[i]); /* torch: exp_avg.lerp_(grad, 1 - beta1) */
+        REAL vi = v[i] * b2 + w2 * gi * gi;
+        REAL denom = sqrt(vi) / bc2_sqrt + eps;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - step_size * (mi / denom);
+    }
+}
+
+fbp_status KFN(adam_step)(REAL *param, REAL *exp_avg, REAL *exp_avg_sq, const REAL *grad,
+                          int64_t n, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int decoupled, int64_t step) {
+    if (n < 0 || step < 1) return FBP_ERR_INVALID;
+    if (n == 0) return FBP_OK;
+    if (!param || !exp_avg || !exp_avg_sq || !grad) return FBP_ERR_INVALID;
+    /* Scalars in double, as torch computes them in Python floats. */
+    const double bc1 = 1 - pow(beta1, (double)step);
+    const double bc2 = 1 - pow(beta2, (double)step);
+    const REAL step_size = (REAL)(lr / bc1), bc2_sqrt = (REAL)sqrt(bc2);
+    const REAL decay = decoupled ? (REAL)(1 - lr * weight_decay) : 1;
+    const REAL wd = decoupled ? 0 : (REAL)weight_decay;
+    const int nthreads = fbp_team_size(n, OPTIM_THREAD_GRAIN);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int64_t lo, hi;
+        fbp_split_range(n, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        LFN(adam_range)(param + lo, exp_avg + lo, exp_avg_sq + lo, grad + lo, hi - lo,
+                        (REAL)beta1, (REAL)beta2, (REAL)eps, wd, decay, step_size, bc2_sqrt);
+    }
+    return FBP_OK;
+}
+
+#endif /* FBP_TEMPLATE_PASS */

@@ -1,0 +1,170 @@
+/* Portable SIMD for the kernel objects: GCC/Clang vector extensions whose width follows the
+ * ISA the object is compiled for (16 bytes generic/SSE2, 32 AVX2, 64 AVX-512). The same kernel
+ * source thus becomes SSE2, AVX2+FMA or AVX-512 code from the compile flags alone, which keeps
+ * one tested source for all paths. Only included by files compiled once per ISA. */
+#ifndef FASTBP_SIMD_H
+#define FASTBP_SIMD_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(FBP_BUILD_AVX512)
+#define FBP_VBYTES 64
+#elif defined(FBP_BUILD_AVX2)
+#define FBP_VBYTES 32
+#else
+#define FBP_VBYTES 16
+#endif
+
+typedef float vf32 __attribute__((vector_size(FBP_VBYTES)));
+typedef int32_t vi32 __attribute__((vector_size(FBP_VBYTES)));
+typedef double vf64 __attribute__((vector_size(FBP_VBYTES)));
+typedef int64_t vi64 __attribute__((vector_size(FBP_VBYTES)));
+
+#define FBP_INLINE static inline __attribute__((always_inline))
+
+/* memcpy loads/stores: unaligned, alias-safe, and compiled to single vector moves. */
+#define FBP_DEFINE_VEC_BASICS(V, I, T, SFX)                                                        \
+    FBP_INLINE V vload_##SFX(const T *p) {                                                         \
+        V v;                                                                                       \
+        memcpy(&v, p, sizeof v);                                                                   \
+        return v;                                                                                  \
+    }                                                                                              \
+    FBP_INLINE void vstore_##SFX(T *p, V v) { memcpy(p, &v, sizeof v); }                           \
+    /* The first n lanes from p, zeros after: tails without reading past the end. */              \
+    FBP_INLINE V vload_part_##SFX(const T *p, int64_t n) {                                         \
+        V v = {0};                                                                                 \
+        memcpy(&v, p, (size_t)n * sizeof(T));                                                      \
+        return v;                                                                                  \
+    }                                                                                              \
+    FBP_INLINE void vstore_part_##SFX(T *p, V v, int64_t n) { memcpy(p, &v, (size_t)n * sizeof(T)); } \
+    /* s - 0 is exactly s for every s (even -0), so it folds to a bare broadcast; (V){0} + s    \
+     * would not fold (-0 + 0 is +0) and costs a scalar add per use. */                          \
+    FBP_INLINE V vbcast_##SFX(T s) { return s - (V){0}; }                                          \
+    /* mask lanes are all-ones or zero, as vector comparisons produce them */                     \
+    FBP_INLINE V vselect_##SFX(I mask, V a, V b) { return (V)((mask & (I)a) | (~mask & (I)b)); }
+
+FBP_DEFINE_VEC_BASICS(vf32, vi32, float, f32)
+FBP_DEFINE_VEC_BASICS(vf64, vi64, double, f64)
+
+FBP_INLINE vf32 vabs_f32(vf32 x) { return (vf32)((vi32)x & 0x7fffffff); }
+FBP_INLINE vf64 vabs_f64(vf64 x) { return (vf64)((vi64)x & INT64_MAX); }
+/* |y| with the sign of x (y must be non-negative). */
+FBP_INLINE vf32 vwithsign_f32(vf32 y, vf32 x) { return (vf32)((vi32)y | ((vi32)x & INT32_MIN)); }
+FBP_INLINE vf64 vwithsign_f64(vf64 y, vf64 x) { return (vf64)((vi64)y | ((vi64)x & INT64_MIN)); }
+
+/* exp(x) for x <= 0 (NaN propagates). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a
+ * Taylor polynomial accurate to < 0.2 ulp on that interval, and the scale 2^n applied as two
+ * halves so results down in the subnormal range are still right (exp(-100) in float is
+ * subnormal; a single 2^n would underflow to 0). Below the smallest subnormal it returns 0. */
+FBP_INLINE vf32 vexp_nonpos_f32(vf32 x) {
+    x = vselect_f32(x < -104.0f, vbcast_f32(-104.0f), x);
+    const vf32 magic = vbcast_f32(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf32 t = x * 1.44269504088896341f + magic;
+    vf32 n = t - magic;
+    vi32 ni = (vi32)t - (vi32)magic;
+    vf32 r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf32 p = vbcast_f32(1.98412698e-4f);
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi32 n1 = ni >> 1;
+    vi32 n2 = ni - n1;
+    vf32 s1 = (vf32)((n1 + 127) << 23);
+    vf32 s2 = (vf32)((n2 + 127) << 23);
+    return p * s1 * s2;
+}
+
+FBP_INLINE vf64 vexp_nonpos_f64(vf64 x) {
+    x = vselect_f64(x < -746.0, vbcast_f64(-746.0), x);
+    const vf64 magic = vbcast_f64(6755399441055744.0); /* 1.5 * 2^52 */
+    vf64 t = x * 1.44269504088896338700e+00 + magic;
+    vf64 n = t - magic;
+    vi64 ni = (vi64)t - (vi64)magic;
+    vf64 r = x - n * 6.93147180369123816490e-01;
+    r = r - n * 1.90821492927058770002e-10;
+    vf64 p = vbcast_f64(1.60590438368216133e-10);
+    p = p * r + 2.08767569878681002e-09;
+    p = p * r + 2.50521083854417202e-08;
+    p = p * r + 2.75573192239858883e-07;
+    p = p * r + 2.75573192239858925e-06;
+    p = p * r + 2.48015873015873016e-05;
+    p = p * r + 1.98412698412698413e-04;
+    p = p * r + 1.38888888888888894e-03;
+    p = p * r + 8.33333333333333322e-03;
+    p = p * r + 4.16666666666666644e-02;
+    p = p * r + 1.66666666666666657e-01;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    vi64 n1 = ni >> 1;
+    vi64 n2 = ni - n1;
+    vf64 s1 = (vf64)((n1 + 1023) << 52);
+    vf64 s2 = (vf64)((n2 + 1023) << 52);
+    return p * s1 * s2;
+}
+
+/* sigmoid via t = exp(-|x|) in (0, 1]: never overflows, and for x < 0 the result t/(1+t)
+ * keeps full relative accuracy down to the subnormals (1 - sigmoid(|x|) would not). */
+#define FBP_DEFINE_SIGMOID(V, SFX)                                                                 \
+    FBP_INLINE V vsigmoid_##SFX(V x) {                                                             \
+        V t = vexp_nonpos_##SFX(-vabs_##SFX(x));                                                   \
+        V s = 1 / (1 + t);                                                                         \
+        return vselect_##SFX(x >= 0, s, t * s);                                                    \
+    }
+FBP_DEFINE_SIGMOID(vf32, f32)
+FBP_DEFINE_SIGMOID(vf64, f64)
+
+/* tanh: below |x| = 0.4 the Taylor series (odd, coefficients from the Bernoulli numbers,
+ * truncated where the next term is < 0.01 ulp); above it (1 - e)/(1 + e) with e = exp(-2|x|),
+ * where 1 - e >= 0.55 so no cancellation. */
+FBP_INLINE vf32 vtanh_f32(vf32 x) {
+    vf32 a = vabs_f32(x);
+    vf32 z = a * a;
+    vf32 q = vbcast_f32(-1.455834387e-03f);
+    q = q * z + 3.592128037e-03f;
+    q = q * z + -8.863235530e-03f;
+    q = q * z + 2.186948854e-02f;
+    q = q * z + -5.396825397e-02f;
+    q = q * z + 1.333333333e-01f;
+    q = q * z + -3.333333333e-01f;
+    vf32 small = a + a * z * q;
+    vf32 e = vexp_nonpos_f32(-2 * a);
+    vf32 big = (1 - e) / (1 + e);
+    return vwithsign_f32(vselect_f32(a < 0.4f, small, big), x);
+}
+
+FBP_INLINE vf64 vtanh_f64(vf64 x) {
+    vf64 a = vabs_f64(x);
+    vf64 z = a * a;
+    vf64 q = vbcast_f64(-1.05972683201046543e-06);
+    q = q * z + 2.61477115129075465e-06;
+    q = q * z + -6.45168921565543065e-06;
+    q = q * z + 1.59189050693289637e-05;
+    q = q * z + -3.92783238833168327e-05;
+    q = q * z + 9.69153795692945095e-05;
+    q = q * z + -2.39129114243552478e-04;
+    q = q * z + 5.90027440945585947e-04;
+    q = q * z + -1.45583438705131833e-03;
+    q = q * z + 3.59212803657248114e-03;
+    q = q * z + -8.86323552990219733e-03;
+    q = q * z + 2.18694885361552030e-02;
+    q = q * z + -5.39682539682539708e-02;
+    q = q * z + 1.33333333333333331e-01;
+    q = q * z + -3.33333333333333315e-01;
+    vf64 small = a + a * z * q;
+    vf64 e = vexp_nonpos_f64(-2 * a);
+    vf64 big = (1 - e) / (1 + e);
+    return vwithsign_f64(vselect_f64(a < 0.4, small, big), x);
+}
+
+/* relu keeps NaN (as torch does) and maps -0 to +0. */
+FBP_INLINE vf32 vrelu_f32(vf32 x) { return vselect_f32(x <= 0, vbcast_f32(0), x); }
+FBP_INLINE vf64 vrelu_f64(vf64 x) { return vselect_f64(x <= 0, vbcast_f64(0), x); }
+
+#endif /* FASTBP_SIMD_H */

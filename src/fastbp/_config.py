@@ -1,0 +1,78 @@
+"""Threads, ISA selection and build information."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+from . import _core
+
+__all__ = ["get_num_threads", "set_num_threads", "show_config", "get_config", "available_isas"]
+
+
+def get_num_threads() -> int:
+    """Number of OpenMP threads fastbp's kernels may use.
+
+    Follows ``OMP_NUM_THREADS`` (and threadpoolctl's limits) until :func:`set_num_threads` is
+    called. Small work runs on one thread regardless.
+    """
+    return _core.get_num_threads()
+
+
+def set_num_threads(n: int | None) -> None:
+    """Limit fastbp's kernels to ``n`` threads; ``None`` returns to OpenMP's default.
+
+    Results are bitwise identical for every thread count.
+    """
+    if n is None:
+        _core.set_num_threads(0)
+        return
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be a positive int or None, got {n!r}")
+    if n <= 0:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    _core.set_num_threads(n)
+
+
+def available_isas() -> list[str]:
+    """Instruction sets whose kernels are compiled in and supported by this CPU."""
+    return _core.available_isas()
+
+
+def get_config() -> dict[str, object]:
+    """The build and run-time configuration as a dict (what :func:`show_config` prints)."""
+    return {
+        "version": _core.version(),
+        "isa": _core.active_isa(),
+        "available_isas": _core.available_isas(),
+        "compiled_isas": list(_core.ISA_NAMES),
+        "num_threads": _core.get_num_threads(),
+        "openmp": _core.openmp_info(),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "FASTBP_ISA": os.environ.get("FASTBP_ISA"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def show_config() -> None:
+    """Print version, chosen ISA, available ISAs, threads and OpenMP runtime."""
+    for key, value in get_config().items():
+        if isinstance(value, list):
+            value = ", ".join(value)
+        print(f"{key:>16}: {value}")
+
+
+def _select_isa_from_environment() -> None:
+    forced = os.environ.get("FASTBP_ISA", "").strip().lower() or None
+    try:
+        _core.select_isa(forced)
+    except (ValueError, RuntimeError) as exc:
+        raise ImportError(f"FASTBP_ISA={os.environ['FASTBP_ISA']!r}: {exc}") from None
+
+
+def _after_fork_in_child() -> None:
+    # libgomp's thread pool does not survive fork: a child's first parallel region would hang.
+    # One thread in the child is always safe; the user may raise it again.
+    _core.set_num_threads(1)
