@@ -106,7 +106,9 @@ fbp_status fbp_select_isa(const char *forced) {
 
 static int requested_threads; /* 0: follow OpenMP's own setting */
 
-void fbp_set_num_threads(int n) { __atomic_store_n(&requested_threads, n > 0 ? n : 0, __ATOMIC_RELAXED); }
+void fbp_set_num_threads(int n) {
+    __atomic_store_n(&requested_threads, n > 0 ? n : 0, __ATOMIC_RELAXED);
+}
 
 int fbp_get_num_threads(void) {
     int n = __atomic_load_n(&requested_threads, __ATOMIC_RELAXED);
@@ -139,36 +141,36 @@ const char *fbp_openmp_info(void) {
 /* ---- the public kernels: forward to the active table -------------------------------------- */
 
 #define FBP_FORWARDERS(T, SFX, TABLE)                                                              \
-    fbp_status fbp_gemm_##SFX(T *c, const T *a, const T *b, const T *bias, int64_t m, int64_t n,  \
-                              int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,  \
-                              int64_t ldc, T alpha, T beta, fbp_activation act) {                 \
+    fbp_status fbp_gemm_##SFX(T *c, const T *a, const T *b, const T *bias, int64_t m, int64_t n,   \
+                              int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,   \
+                              int64_t ldc, T alpha, T beta, fbp_activation act) {                  \
         return TABLE->gemm(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act); \
     }                                                                                              \
-    fbp_status fbp_activation_forward_##SFX(T *y, const T *x, int64_t n, fbp_activation act) {    \
+    fbp_status fbp_activation_forward_##SFX(T *y, const T *x, int64_t n, fbp_activation act) {     \
         return TABLE->activation_forward(y, x, n, act);                                            \
     }                                                                                              \
-    fbp_status fbp_activation_backward_##SFX(T *dz, T *dbias, const T *dy, const T *y,           \
-                                             int64_t rows, int64_t cols, fbp_activation act) {    \
+    fbp_status fbp_activation_backward_##SFX(T *dz, T *dbias, const T *dy, const T *y,             \
+                                             int64_t rows, int64_t cols, fbp_activation act) {     \
         return TABLE->activation_backward(dz, dbias, dy, y, rows, cols, act);                      \
     }                                                                                              \
-    fbp_status fbp_softmax_xent_##SFX(double *loss, T *dlogits, const T *logits,                  \
-                                      const int64_t *labels, int64_t rows, int64_t classes,       \
-                                      double scale) {                                             \
+    fbp_status fbp_softmax_xent_##SFX(double *loss, T *dlogits, const T *logits,                   \
+                                      const int64_t *labels, int64_t rows, int64_t classes,        \
+                                      double scale) {                                              \
         return TABLE->softmax_xent(loss, dlogits, logits, labels, rows, classes, scale);           \
     }                                                                                              \
-    fbp_status fbp_mse_##SFX(double *loss, T *dpred, const T *pred, const T *target, int64_t n,   \
-                             double scale) {                                                      \
+    fbp_status fbp_mse_##SFX(double *loss, T *dpred, const T *pred, const T *target, int64_t n,    \
+                             double scale) {                                                       \
         return TABLE->mse(loss, dpred, pred, target, n, scale);                                    \
     }                                                                                              \
-    fbp_status fbp_sgd_step_##SFX(T *param, T *momentum_buf, const T *grad, int64_t n,            \
-                                  double lr, double momentum, double dampening,                   \
-                                  double weight_decay, int nesterov, int first_step) {            \
+    fbp_status fbp_sgd_step_##SFX(T *param, T *momentum_buf, const T *grad, int64_t n, double lr,  \
+                                  double momentum, double dampening, double weight_decay,          \
+                                  int nesterov, int first_step) {                                  \
         return TABLE->sgd_step(param, momentum_buf, grad, n, lr, momentum, dampening,              \
                                weight_decay, nesterov, first_step);                                \
     }                                                                                              \
-    fbp_status fbp_adam_step_##SFX(T *param, T *exp_avg, T *exp_avg_sq, const T *grad,            \
-                                   int64_t n, double lr, double beta1, double beta2, double eps,  \
-                                   double weight_decay, int decoupled, int64_t step) {            \
+    fbp_status fbp_adam_step_##SFX(T *param, T *exp_avg, T *exp_avg_sq, const T *grad, int64_t n,  \
+                                   double lr, double beta1, double beta2, double eps,              \
+                                   double weight_decay, int decoupled, int64_t step) {             \
         return TABLE->adam_step(param, exp_avg, exp_avg_sq, grad, n, lr, beta1, beta2, eps,        \
                                 weight_decay, decoupled, step);                                    \
     }

@@ -61,32 +61,32 @@ const char *fbp_openmp_info(void);
  * swap; negative strides are fine). C is c[i*ldc + j], ldc >= n. bias may be NULL. When
  * beta == 0, C is not read (it may hold NaN). Results do not depend on the thread count:
  * threads split M and N, never K. */
-#define FBP_DECLARE_KERNELS(T, SFX)                                                               \
-    fbp_status fbp_gemm_##SFX(T *c, const T *a, const T *b, const T *bias, int64_t m, int64_t n,  \
-                              int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,  \
-                              int64_t ldc, T alpha, T beta, fbp_activation act);                  \
-    /* y[i] = act(x[i]); y may equal x. */                                                        \
-    fbp_status fbp_activation_forward_##SFX(T *y, const T *x, int64_t n, fbp_activation act);     \
-    /* dz[r,c] = dy[r,c] * act'(y[r,c]) computed from the activation's output y;                 \
-     * dbias[c] = sum_r dz[r,c] when dbias != NULL. dz may equal dy. All rows contiguous. */      \
-    fbp_status fbp_activation_backward_##SFX(T *dz, T *dbias, const T *dy, const T *y,            \
-                                             int64_t rows, int64_t cols, fbp_activation act);     \
-    /* Softmax + cross-entropy on integer labels. loss = scale * sum_r -log softmax(x_r)[y_r];  \
-     * dlogits = scale * (softmax(x) - onehot(y)). Labels must lie in [0, classes). */            \
-    fbp_status fbp_softmax_xent_##SFX(double *loss, T *dlogits, const T *logits,                  \
-                                      const int64_t *labels, int64_t rows, int64_t classes,       \
-                                      double scale);                                              \
-    /* loss = scale * sum (p - t)^2; dpred = 2 * scale * (p - t). dpred may be NULL. */          \
-    fbp_status fbp_mse_##SFX(double *loss, T *dpred, const T *pred, const T *target, int64_t n,   \
-                             double scale);                                                       \
-    /* torch.optim.SGD on a flat buffer. momentum_buf may be NULL when momentum == 0;           \
-     * first_step = 1 initialises it with the gradient, as torch does. */                        \
-    fbp_status fbp_sgd_step_##SFX(T *param, T *momentum_buf, const T *grad, int64_t n,            \
-                                  double lr, double momentum, double dampening,                   \
-                                  double weight_decay, int nesterov, int first_step);             \
-    /* torch.optim.Adam (decoupled = 0) / AdamW (decoupled = 1); step counts from 1. */           \
-    fbp_status fbp_adam_step_##SFX(T *param, T *exp_avg, T *exp_avg_sq, const T *grad,            \
-                                   int64_t n, double lr, double beta1, double beta2, double eps,  \
+#define FBP_DECLARE_KERNELS(T, SFX)                                                                \
+    fbp_status fbp_gemm_##SFX(T *c, const T *a, const T *b, const T *bias, int64_t m, int64_t n,   \
+                              int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,   \
+                              int64_t ldc, T alpha, T beta, fbp_activation act);                   \
+    /* y[i] = act(x[i]); y may equal x. */                                                         \
+    fbp_status fbp_activation_forward_##SFX(T *y, const T *x, int64_t n, fbp_activation act);      \
+    /* dz[r,c] = dy[r,c] * act'(y[r,c]) computed from the activation's output y;                   \
+     * dbias[c] = sum_r dz[r,c] when dbias != NULL. dz may equal dy. All rows contiguous. */       \
+    fbp_status fbp_activation_backward_##SFX(T *dz, T *dbias, const T *dy, const T *y,             \
+                                             int64_t rows, int64_t cols, fbp_activation act);      \
+    /* Softmax + cross-entropy on integer labels. loss = scale * sum_r -log softmax(x_r)[y_r];     \
+     * dlogits = scale * (softmax(x) - onehot(y)). Labels must lie in [0, classes). */             \
+    fbp_status fbp_softmax_xent_##SFX(double *loss, T *dlogits, const T *logits,                   \
+                                      const int64_t *labels, int64_t rows, int64_t classes,        \
+                                      double scale);                                               \
+    /* loss = scale * sum (p - t)^2; dpred = 2 * scale * (p - t). dpred may be NULL. */            \
+    fbp_status fbp_mse_##SFX(double *loss, T *dpred, const T *pred, const T *target, int64_t n,    \
+                             double scale);                                                        \
+    /* torch.optim.SGD on a flat buffer. momentum_buf may be NULL when momentum == 0;              \
+     * first_step = 1 initialises it with the gradient, as torch does. */                          \
+    fbp_status fbp_sgd_step_##SFX(T *param, T *momentum_buf, const T *grad, int64_t n, double lr,  \
+                                  double momentum, double dampening, double weight_decay,          \
+                                  int nesterov, int first_step);                                   \
+    /* torch.optim.Adam (decoupled = 0) / AdamW (decoupled = 1); step counts from 1. */            \
+    fbp_status fbp_adam_step_##SFX(T *param, T *exp_avg, T *exp_avg_sq, const T *grad, int64_t n,  \
+                                   double lr, double beta1, double beta2, double eps,              \
                                    double weight_decay, int decoupled, int64_t step);
 
 FBP_DECLARE_KERNELS(float, f32)

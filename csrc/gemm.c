@@ -19,8 +19,20 @@
  *             in L1.  MC x KC of A stays in L2.  KC x NC of B stays in L3. */
 #if defined(FBP_BUILD_AVX512)
 /* 32 zmm registers: 12 x 2 accumulators + 2 B vectors + 1 broadcast. */
-enum { GEMM_MR_f32 = 12, GEMM_NV_f32 = 2, GEMM_MC_f32 = 480, GEMM_KC_f32 = 384, GEMM_NC_f32 = 3072 };
-enum { GEMM_MR_f64 = 12, GEMM_NV_f64 = 2, GEMM_MC_f64 = 240, GEMM_KC_f64 = 256, GEMM_NC_f64 = 3072 };
+enum {
+    GEMM_MR_f32 = 12,
+    GEMM_NV_f32 = 2,
+    GEMM_MC_f32 = 480,
+    GEMM_KC_f32 = 384,
+    GEMM_NC_f32 = 3072
+};
+enum {
+    GEMM_MR_f64 = 12,
+    GEMM_NV_f64 = 2,
+    GEMM_MC_f64 = 240,
+    GEMM_KC_f64 = 256,
+    GEMM_NC_f64 = 3072
+};
 #elif defined(FBP_BUILD_AVX2)
 /* 16 ymm registers: 6 x 2 accumulators + 2 B vectors + 1 broadcast. */
 enum { GEMM_MR_f32 = 6, GEMM_NV_f32 = 2, GEMM_MC_f32 = 144, GEMM_KC_f32 = 256, GEMM_NC_f32 = 4080 };
@@ -129,8 +141,8 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
 }
 
 /* acc[MR][NV] = sum_p pa[p, :] (outer) pb[p, :]; pb is 64-byte aligned. */
-FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa,
-                                  const REAL *restrict pb, int64_t kc) {
+FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, const REAL *restrict pb,
+                                  int64_t kc) {
     VEC c[MR][NV];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
@@ -172,8 +184,7 @@ static void LFN(store_tile)(REAL *c, int64_t ldc, int64_t rows, int64_t cols, VE
  * FMA chains; K is summed in order, as in the packed path. */
 static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                              int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
-                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
-                             fbp_activation act) {
+                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act) {
     enum { ROWS = 4 };
     for (int64_t j0 = 0; j0 < n; j0 += VL) {
         int64_t cnt = min_i64(VL, n - j0);
@@ -252,9 +263,9 @@ static void LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *
     }
 }
 
-fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
-                     int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
-                     int64_t ldc, REAL alpha, REAL beta, fbp_activation act) {
+fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,
+                     int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc,
+                     REAL alpha, REAL beta, fbp_activation act) {
     if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
     if (m == 0 || n == 0) return FBP_OK;
     if (!c || ldc < n || (k > 0 && (!a || !b))) return FBP_ERR_INVALID;
@@ -271,8 +282,10 @@ fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, in
         return FBP_OK;
     }
     const int64_t kc_max = min_i64(KC, k);
-    const size_t b_bytes = (size_t)round_up(kc_max * round_up(min_i64(NC, n), NR) * (int64_t)sizeof(REAL), FBP_ALIGN);
-    const size_t a_bytes = (size_t)round_up(kc_max * round_up(min_i64(MC, m), MR) * (int64_t)sizeof(REAL), FBP_ALIGN);
+    const size_t b_bytes =
+        (size_t)round_up(kc_max * round_up(min_i64(NC, n), NR) * (int64_t)sizeof(REAL), FBP_ALIGN);
+    const size_t a_bytes =
+        (size_t)round_up(kc_max * round_up(min_i64(MC, m), MR) * (int64_t)sizeof(REAL), FBP_ALIGN);
     char *scratch = fbp_scratch(b_bytes + a_bytes);
     if (!scratch) return FBP_ERR_NOMEM;
     const int64_t work = macs > (double)INT64_MAX ? INT64_MAX : (int64_t)macs;

@@ -9,17 +9,17 @@
 
 /* One table of kernels per ISA and dtype; each kernel object defines its two tables. */
 #define FBP_TABLE_FIELDS(T)                                                                        \
-    fbp_status (*gemm)(T *, const T *, const T *, const T *, int64_t, int64_t, int64_t, int64_t,  \
-                       int64_t, int64_t, int64_t, int64_t, T, T, fbp_activation);                 \
-    fbp_status (*activation_forward)(T *, const T *, int64_t, fbp_activation);                    \
-    fbp_status (*activation_backward)(T *, T *, const T *, const T *, int64_t, int64_t,           \
-                                      fbp_activation);                                            \
-    fbp_status (*softmax_xent)(double *, T *, const T *, const int64_t *, int64_t, int64_t,       \
-                               double);                                                           \
-    fbp_status (*mse)(double *, T *, const T *, const T *, int64_t, double);                      \
-    fbp_status (*sgd_step)(T *, T *, const T *, int64_t, double, double, double, double, int,     \
-                           int);                                                                  \
-    fbp_status (*adam_step)(T *, T *, T *, const T *, int64_t, double, double, double, double,    \
+    fbp_status (*gemm)(T *, const T *, const T *, const T *, int64_t, int64_t, int64_t, int64_t,   \
+                       int64_t, int64_t, int64_t, int64_t, T, T, fbp_activation);                  \
+    fbp_status (*activation_forward)(T *, const T *, int64_t, fbp_activation);                     \
+    fbp_status (*activation_backward)(T *, T *, const T *, const T *, int64_t, int64_t,            \
+                                      fbp_activation);                                             \
+    fbp_status (*softmax_xent)(double *, T *, const T *, const int64_t *, int64_t, int64_t,        \
+                               double);                                                            \
+    fbp_status (*mse)(double *, T *, const T *, const T *, int64_t, double);                       \
+    fbp_status (*sgd_step)(T *, T *, const T *, int64_t, double, double, double, double, int,      \
+                           int);                                                                   \
+    fbp_status (*adam_step)(T *, T *, T *, const T *, int64_t, double, double, double, double,     \
                             double, int, int64_t);
 
 typedef struct {

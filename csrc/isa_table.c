@@ -16,5 +16,7 @@ FBP_DECLARE_KERNELS_EXPANDED(double, FBP_CAT3(f64, _, FBP_ISA_SUFFIX))
         .adam_step = FBP_CAT(fbp_adam_step_, S),                                                   \
     }
 
-const fbp_table_f32 FBP_CAT(fbp_table_f32_, FBP_ISA_SUFFIX) = FBP_TABLE(FBP_CAT3(f32, _, FBP_ISA_SUFFIX));
-const fbp_table_f64 FBP_CAT(fbp_table_f64_, FBP_ISA_SUFFIX) = FBP_TABLE(FBP_CAT3(f64, _, FBP_ISA_SUFFIX));
+const fbp_table_f32 FBP_CAT(fbp_table_f32_,
+                            FBP_ISA_SUFFIX) = FBP_TABLE(FBP_CAT3(f32, _, FBP_ISA_SUFFIX));
+const fbp_table_f64 FBP_CAT(fbp_table_f64_,
+                            FBP_ISA_SUFFIX) = FBP_TABLE(FBP_CAT3(f64, _, FBP_ISA_SUFFIX));

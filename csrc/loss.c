@@ -33,8 +33,8 @@ FBP_INLINE REAL LFN(hsum)(VEC v) {
 }
 
 /* Softmax row by row, stable for any finite logits: exp(x - max) <= 1 never overflows. */
-fbp_status KFN(softmax_xent)(double *loss, REAL *dlogits, const REAL *logits,
-                             const int64_t *labels, int64_t rows, int64_t classes, double scale) {
+fbp_status KFN(softmax_xent)(double *loss, REAL *dlogits, const REAL *logits, const int64_t *labels,
+                             int64_t rows, int64_t classes, double scale) {
     if (!loss || rows < 0 || classes <= 0) return FBP_ERR_INVALID;
     *loss = 0;
     if (rows == 0) return FBP_OK;

@@ -20,9 +20,8 @@
 
 #else /* FBP_TEMPLATE_PASS */
 
-static void LFN(sgd_range)(REAL *restrict p, REAL *restrict buf, const REAL *restrict g,
-                           int64_t n, REAL lr, REAL mom, REAL damp, REAL wd, int nesterov,
-                           int first) {
+static void LFN(sgd_range)(REAL *restrict p, REAL *restrict buf, const REAL *restrict g, int64_t n,
+                           REAL lr, REAL mom, REAL damp, REAL wd, int nesterov, int first) {
     const REAL keep = 1 - damp;
     if (mom == 0) {
 #pragma omp simd
@@ -58,14 +57,14 @@ fbp_status KFN(sgd_step)(REAL *param, REAL *momentum_buf, const REAL *grad, int6
 }
 
 static void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
-                            const REAL *restrict g, int64_t n, REAL b1, REAL b2, REAL eps,
-                            REAL wd, REAL decay, REAL step_size, REAL bc2_sqrt) {
+                            const REAL *restrict g, int64_t n, REAL b1, REAL b2, REAL eps, REAL wd,
+                            REAL decay, REAL step_size, REAL bc2_sqrt) {
     const REAL w1 = 1 - b1, w2 = 1 - b2;
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         REAL pi = p[i] * decay; /* AdamW's decoupled decay; decay == 1 for Adam */
         REAL gi = wd != 0 ? g[i] + wd * pi : g[i]; /* Adam's L2 term; wd == 0 for AdamW */
-        REAL mi = m[i] + w1 * (gi - m[i]); /* torch: exp_avg.lerp_(grad, 1 - beta1) */
+        REAL mi = m[i] + w1 * (gi - m[i]);         /* torch: exp_avg.lerp_(grad, 1 - beta1) */
         REAL vi = v[i] * b2 + w2 * gi * gi;
         REAL denom = sqrt(vi) / bc2_sqrt + eps;
         m[i] = mi;
@@ -74,9 +73,9 @@ static void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *restrict v
     }
 }
 
-fbp_status KFN(adam_step)(REAL *param, REAL *exp_avg, REAL *exp_avg_sq, const REAL *grad,
-                          int64_t n, double lr, double beta1, double beta2, double eps,
-                          double weight_decay, int decoupled, int64_t step) {
+fbp_status KFN(adam_step)(REAL *param, REAL *exp_avg, REAL *exp_avg_sq, const REAL *grad, int64_t n,
+                          double lr, double beta1, double beta2, double eps, double weight_decay,
+                          int decoupled, int64_t step) {
     if (n < 0 || step < 1) return FBP_ERR_INVALID;
     if (n == 0) return FBP_OK;
     if (!param || !exp_avg || !exp_avg_sq || !grad) return FBP_ERR_INVALID;
@@ -91,8 +90,8 @@ fbp_status KFN(adam_step)(REAL *param, REAL *exp_avg, REAL *exp_avg_sq, const RE
     {
         int64_t lo, hi;
         fbp_split_range(n, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
-        LFN(adam_range)(param + lo, exp_avg + lo, exp_avg_sq + lo, grad + lo, hi - lo,
-                        (REAL)beta1, (REAL)beta2, (REAL)eps, wd, decay, step_size, bc2_sqrt);
+        LFN(adam_range)(param + lo, exp_avg + lo, exp_avg_sq + lo, grad + lo, hi - lo, (REAL)beta1,
+                        (REAL)beta2, (REAL)eps, wd, decay, step_size, bc2_sqrt);
     }
     return FBP_OK;
 }

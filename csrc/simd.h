@@ -31,17 +31,19 @@ typedef int64_t vi64 __attribute__((vector_size(FBP_VBYTES)));
         return v;                                                                                  \
     }                                                                                              \
     FBP_INLINE void vstore_##SFX(T *p, V v) { memcpy(p, &v, sizeof v); }                           \
-    /* The first n lanes from p, zeros after: tails without reading past the end. */              \
+    /* The first n lanes from p, zeros after: tails without reading past the end. */               \
     FBP_INLINE V vload_part_##SFX(const T *p, int64_t n) {                                         \
         V v = {0};                                                                                 \
         memcpy(&v, p, (size_t)n * sizeof(T));                                                      \
         return v;                                                                                  \
     }                                                                                              \
-    FBP_INLINE void vstore_part_##SFX(T *p, V v, int64_t n) { memcpy(p, &v, (size_t)n * sizeof(T)); } \
-    /* s - 0 is exactly s for every s (even -0), so it folds to a bare broadcast; (V){0} + s    \
-     * would not fold (-0 + 0 is +0) and costs a scalar add per use. */                          \
+    FBP_INLINE void vstore_part_##SFX(T *p, V v, int64_t n) {                                      \
+        memcpy(p, &v, (size_t)n * sizeof(T));                                                      \
+    }                                                                                              \
+    /* s - 0 is exactly s for every s (even -0), so it folds to a bare broadcast; (V){0} + s       \
+     * would not fold (-0 + 0 is +0) and costs a scalar add per use. */                            \
     FBP_INLINE V vbcast_##SFX(T s) { return s - (V){0}; }                                          \
-    /* mask lanes are all-ones or zero, as vector comparisons produce them */                     \
+    /* mask lanes are all-ones or zero, as vector comparisons produce them */                      \
     FBP_INLINE V vselect_##SFX(I mask, V a, V b) { return (V)((mask & (I)a) | (~mask & (I)b)); }
 
 FBP_DEFINE_VEC_BASICS(vf32, vi32, float, f32)

@@ -20,7 +20,9 @@ static void scratch_free(void *p) {
     free(slot);
 }
 
-static void scratch_init(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0; }
+static void scratch_init(void) {
+    scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
 
 void *fbp_scratch(size_t bytes) {
     pthread_once(&scratch_once, scratch_init);
