@@ -251,6 +251,12 @@ static void LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *
                         const REAL *pb = packed_b + jr * NR * kc;
                         for (int64_t ir = ir_lo; ir < ir_hi; ir++) {
                             const int64_t i = ic + ir * MR, rows = min_i64(MR, m - i);
+                            /* The C tile is read (or written) right after the FMAs: fetch it
+                             * now so the misses overlap the arithmetic. */
+                            for (int64_t r = 0; r < rows; r++) {
+                                __builtin_prefetch(c + (i + r) * ldc + j, 1, 3);
+                                __builtin_prefetch(c + (i + r) * ldc + j + cols - 1, 1, 3);
+                            }
                             LFN(micro_kernel)(acc, packed_a + ir * MR * kc, pb, kc);
                             LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc,
                                             bias ? bias + j : NULL, alpha, beta, first, last, act);
