@@ -81,8 +81,8 @@ FBP_INLINE VEC LFN(act_grad)(VEC dy, VEC y, fbp_activation act) {
  * is summed over rows in row order, so the split of columns between threads cannot change it. */
 static void LFN(act_backward_cols)(REAL *dz, REAL *dbias, const REAL *dy, const REAL *y,
                                    int64_t rows, int64_t cols, int64_t c0, int64_t c1,
-                                   fbp_activation act) {
-    if (dbias) memset(dbias + c0, 0, (size_t)(c1 - c0) * sizeof(REAL));
+                                   fbp_activation act, int accumulate) {
+    if (dbias && !accumulate) memset(dbias + c0, 0, (size_t)(c1 - c0) * sizeof(REAL));
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t j = c0; j < c1; j += VL) {
             const int64_t o = r * cols + j;
@@ -101,11 +101,12 @@ static void LFN(act_backward_cols)(REAL *dz, REAL *dbias, const REAL *dy, const 
 }
 
 fbp_status KFN(activation_backward)(REAL *dz, REAL *dbias, const REAL *dy, const REAL *y,
-                                    int64_t rows, int64_t cols, fbp_activation act) {
+                                    int64_t rows, int64_t cols, fbp_activation act,
+                                    int accumulate) {
     if (rows < 0 || cols < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
     if (cols == 0) return FBP_OK;
     if (rows == 0) {
-        if (dbias) memset(dbias, 0, (size_t)cols * sizeof(REAL));
+        if (dbias && !accumulate) memset(dbias, 0, (size_t)cols * sizeof(REAL));
         return FBP_OK;
     }
     if (!dz || !dy || (!y && act != FBP_ACT_IDENTITY)) return FBP_ERR_INVALID;
@@ -114,7 +115,7 @@ fbp_status KFN(activation_backward)(REAL *dz, REAL *dbias, const REAL *dy, const
     int nthreads = fbp_team_size(rows * cols, ACT_THREAD_GRAIN);
     if (nthreads > vcols) nthreads = (int)vcols;
     if (nthreads <= 1) {
-        LFN(act_backward_cols)(dz, dbias, dy, y, rows, cols, 0, cols, act);
+        LFN(act_backward_cols)(dz, dbias, dy, y, rows, cols, 0, cols, act, accumulate);
         return FBP_OK;
     }
 #pragma omp parallel num_threads(nthreads)
@@ -123,7 +124,7 @@ fbp_status KFN(activation_backward)(REAL *dz, REAL *dbias, const REAL *dy, const
         fbp_split_range(vcols, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
         lo *= VL;
         hi = hi * VL < cols ? hi * VL : cols;
-        if (lo < hi) LFN(act_backward_cols)(dz, dbias, dy, y, rows, cols, lo, hi, act);
+        if (lo < hi) LFN(act_backward_cols)(dz, dbias, dy, y, rows, cols, lo, hi, act, accumulate);
     }
     return FBP_OK;
 }

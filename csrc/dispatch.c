@@ -150,8 +150,9 @@ const char *fbp_openmp_info(void) {
         return TABLE->activation_forward(y, x, n, act);                                            \
     }                                                                                              \
     fbp_status fbp_activation_backward_##SFX(T *dz, T *dbias, const T *dy, const T *y,             \
-                                             int64_t rows, int64_t cols, fbp_activation act) {     \
-        return TABLE->activation_backward(dz, dbias, dy, y, rows, cols, act);                      \
+                                             int64_t rows, int64_t cols, fbp_activation act,       \
+                                             int accumulate) {                                     \
+        return TABLE->activation_backward(dz, dbias, dy, y, rows, cols, act, accumulate);          \
     }                                                                                              \
     fbp_status fbp_softmax_xent_##SFX(double *loss, T *dlogits, const T *logits,                   \
                                       const int64_t *labels, int64_t rows, int64_t classes,        \

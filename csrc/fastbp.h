@@ -20,6 +20,8 @@ typedef enum {
     FBP_ERR_INVALID = 1,     /* a size, stride, pointer or enum value is invalid */
     FBP_ERR_NOMEM = 2,       /* an aligned allocation failed */
     FBP_ERR_UNSUPPORTED = 3, /* the requested ISA is not available on this CPU/build */
+    FBP_ERR_NONFINITE = 4,   /* a training loss became NaN or infinite */
+    FBP_ERR_STATE = 5,       /* called out of order (e.g. backward without a training forward) */
 } fbp_status;
 
 typedef enum {
@@ -68,9 +70,10 @@ const char *fbp_openmp_info(void);
     /* y[i] = act(x[i]); y may equal x. */                                                         \
     fbp_status fbp_activation_forward_##SFX(T *y, const T *x, int64_t n, fbp_activation act);      \
     /* dz[r,c] = dy[r,c] * act'(y[r,c]) computed from the activation's output y;                   \
-     * dbias[c] = sum_r dz[r,c] when dbias != NULL. dz may equal dy. All rows contiguous. */       \
+     * dbias[c] = sum_r dz[r,c] (+= with accumulate) when dbias != NULL. dz may equal dy. */       \
     fbp_status fbp_activation_backward_##SFX(T *dz, T *dbias, const T *dy, const T *y,             \
-                                             int64_t rows, int64_t cols, fbp_activation act);      \
+                                             int64_t rows, int64_t cols, fbp_activation act,       \
+                                             int accumulate);                                      \
     /* Softmax + cross-entropy on integer labels. loss = scale * sum_r -log softmax(x_r)[y_r];     \
      * dlogits = scale * (softmax(x) - onehot(y)). Labels must lie in [0, classes). */             \
     fbp_status fbp_softmax_xent_##SFX(double *loss, T *dlogits, const T *logits,                   \
@@ -91,6 +94,86 @@ const char *fbp_openmp_info(void);
 
 FBP_DECLARE_KERNELS(float, f32)
 FBP_DECLARE_KERNELS(double, f64)
+
+/* ---- the model plan: forward, backward, loss, update and the epoch loop (train.c) -----------
+ * A model is a list of ops over one flat parameter buffer (and one of gradients, and one of
+ * non-trained buffers such as BatchNorm's running statistics). Python builds the list once;
+ * forward, backward, train_step and fit all run this one implementation. */
+
+typedef enum { FBP_F32 = 0, FBP_F64 = 1 } fbp_dtype;
+
+typedef enum {
+    FBP_OP_LINEAR = 0,     /* y = act(x @ W.T + b); W (out, in) at `weight`, b at `bias` or -1 */
+    FBP_OP_ACTIVATION = 1, /* y = act(x) */
+    FBP_OP_DROPOUT = 2,    /* training: y = x * mask / (1 - p); eval: y = x */
+    FBP_OP_BATCHNORM = 3,  /* torch's BatchNorm1d; gamma at `weight`, beta at `bias` (or -1) */
+} fbp_op_kind;
+
+typedef struct {
+    int32_t kind;       /* fbp_op_kind */
+    int32_t activation; /* fbp_activation: LINEAR's fused activation, or ACTIVATION's */
+    int64_t in_features, out_features;
+    int64_t weight, bias; /* element offsets into params/grads; -1 = absent */
+    int64_t running;      /* BATCHNORM: running_mean at buffers[running], running_var after it */
+    double p;             /* DROPOUT: drop probability. BATCHNORM: eps */
+    double momentum;      /* BATCHNORM: running-statistics momentum */
+} fbp_op;
+
+typedef enum {
+    FBP_LOSS_MSE = 0,           /* mean over all elements, like torch.nn.MSELoss() */
+    FBP_LOSS_MSE_SUM = 1,       /* MSELoss(reduction="sum") */
+    FBP_LOSS_CROSS_ENTROPY = 2, /* softmax + NLL on int64 labels, mean over the batch */
+} fbp_loss;
+
+typedef enum { FBP_OPT_SGD = 0, FBP_OPT_ADAM = 1, FBP_OPT_ADAMW = 2 } fbp_optimizer_kind;
+
+/* An optimizer over a plan's whole flat parameter buffer. */
+typedef struct {
+    int32_t kind; /* fbp_optimizer_kind */
+    int32_t nesterov;
+    double lr, momentum, dampening, weight_decay, beta1, beta2, eps;
+    int64_t step;          /* updates taken so far; each update increments it */
+    void *state1, *state2; /* flat like params: SGD momentum buffer / Adam exp_avg, exp_avg_sq */
+} fbp_optimizer;
+
+typedef struct fbp_plan fbp_plan;
+
+/* Validates the op list (sizes chain, offsets inside the buffers) and copies it. */
+fbp_status fbp_plan_create(fbp_plan **plan, fbp_dtype dtype, const fbp_op *ops, int32_t n_ops,
+                           int64_t n_params, int64_t n_buffers);
+void fbp_plan_destroy(fbp_plan *plan);
+/* The caller owns the buffers and keeps them alive while the plan is used. */
+void fbp_plan_bind(fbp_plan *plan, void *params, void *grads, void *buffers);
+void fbp_plan_set_seed(fbp_plan *plan, uint64_t seed);
+int64_t fbp_plan_batchnorm_batches(const fbp_plan *plan, int32_t op);
+void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n);
+
+/* Forward pass on x (batch, in). Keeps what backward needs; out (batch, out) may be NULL. */
+fbp_status fbp_plan_forward(fbp_plan *plan, void *out, const void *x, int64_t batch, int training);
+/* Backward from dL/dout (batch, out) of the last training forward: gradients accumulate into
+ * grads; dx (batch, in) is written when not NULL. */
+fbp_status fbp_plan_backward(fbp_plan *plan, void *dx, const void *dy, int64_t batch);
+/* Loss of the last forward's output against target: T (batch, out) for MSE, int64 labels for
+ * cross-entropy. dout (batch, out) receives dL/dout when not NULL. */
+fbp_status fbp_plan_loss(fbp_plan *plan, double *loss, void *dout, const void *target,
+                         int64_t batch, fbp_loss loss_kind);
+/* One optimizer update of the whole parameter buffer from the current gradients. */
+fbp_status fbp_plan_update(fbp_plan *plan, fbp_optimizer *opt);
+/* zero_grad, forward, loss, backward, update in one call. */
+fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, const void *target,
+                               int64_t batch, fbp_loss loss_kind, fbp_optimizer *opt);
+/* Batches [first, first + count) of an epoch over rows order[...] of X (n, in) and targets Y
+ * ((n, out) values, or n int64 labels): gather, train_step. loss_sum += loss * rows of each
+ * batch. Stops at the first non-finite loss, reporting its batch in *bad_batch (else -1). */
+fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
+                                  const void *X, const void *Y, int64_t n, const int64_t *order,
+                                  int64_t batch_size, int64_t first, int64_t count,
+                                  fbp_loss loss_kind, fbp_optimizer *opt);
+/* Eval-mode loss sum and (cross-entropy) count of correct argmax predictions over all rows. */
+fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X,
+                             const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind);
+/* A seeded permutation of [0, n) (Fisher-Yates over a splitmix64 stream). */
+void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed);
 
 #ifdef __cplusplus
 }

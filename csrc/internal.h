@@ -13,7 +13,7 @@
                        int64_t, int64_t, int64_t, int64_t, T, T, fbp_activation);                  \
     fbp_status (*activation_forward)(T *, const T *, int64_t, fbp_activation);                     \
     fbp_status (*activation_backward)(T *, T *, const T *, const T *, int64_t, int64_t,            \
-                                      fbp_activation);                                             \
+                                      fbp_activation, int);                                        \
     fbp_status (*softmax_xent)(double *, T *, const T *, const int64_t *, int64_t, int64_t,        \
                                double);                                                            \
     fbp_status (*mse)(double *, T *, const T *, const T *, int64_t, double);                       \
@@ -43,6 +43,10 @@ int fbp_team_size(int64_t work, int64_t grain);
 void *fbp_scratch(size_t bytes);
 
 #define FBP_ALIGN 64
+
+#define FBP_CAT_(a, b) a##b
+#define FBP_CAT(a, b) FBP_CAT_(a, b)
+#define FBP_CAT3(a, b, c) FBP_CAT(FBP_CAT(a, b), c)
 
 /* Split [0, total) into `parts` near-equal contiguous ranges; range `index` is [*lo, *hi). */
 static inline void fbp_split_range(int64_t total, int parts, int index, int64_t *lo, int64_t *hi) {

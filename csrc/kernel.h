@@ -8,10 +8,6 @@
 #include "internal.h"
 #include "simd.h"
 
-#define FBP_CAT_(a, b) a##b
-#define FBP_CAT(a, b) FBP_CAT_(a, b)
-#define FBP_CAT3(a, b, c) FBP_CAT(FBP_CAT(a, b), c)
-
 #ifndef FBP_ISA_SUFFIX
 #error "kernel sources are compiled once per ISA with FBP_ISA_SUFFIX set"
 #endif

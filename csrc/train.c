@@ -1,0 +1,632 @@
+/* The model plan: a list of ops (linear with fused activation, activation, dropout, batchnorm)
+ * over one flat parameter buffer, walked forward and backward by the same code for forward(),
+ * backward(), train_step() and fit(). Workspace for a batch size is allocated once and reused:
+ * a step allocates nothing. The arithmetic is in the kernels (gemm.c, activation.c, loss.c,
+ * optim.c, reached through the dispatch table); this file is glue, compiled once, and includes
+ * itself once per dtype. */
+#ifndef FBP_TRAIN_PASS
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+struct fbp_plan {
+    fbp_dtype dtype;
+    int32_t n_ops;
+    fbp_op *ops;
+    int64_t n_params, n_buffers;
+    int64_t in_features, out_features, max_width;
+    void *params, *grads, *buffers;
+
+    /* Workspace for up to `capacity` rows, one aligned block. */
+    int64_t capacity;
+    char *workspace;
+    void *input;           /* capacity x in_features: the batch the last forward saw */
+    void **outs;           /* per op: capacity x out_features */
+    void **masks;          /* per dropout op: capacity x width scale factors (0 or 1/(1-p)) */
+    double **bn_stats;     /* per batchnorm op: mean[width], invstd[width] of the last batch */
+    void *grad_a, *grad_b; /* capacity x max_width: dL/d(activation), ping-pong */
+    void *target;          /* capacity x out_features values, or capacity int64 labels */
+
+    const void **cur_out; /* what each op's output is in the last forward (eval dropout aliases) */
+    int64_t *bn_batches;  /* BatchNorm's num_batches_tracked, per op */
+    int64_t last_batch;   /* rows of the last forward; -1 = none */
+    int last_training;
+    uint64_t seed, dropout_calls;
+};
+
+static size_t dtype_size(fbp_dtype dtype) {
+    return dtype == FBP_F64 ? sizeof(double) : sizeof(float);
+}
+
+static size_t align_up(size_t x) { return (x + FBP_ALIGN - 1) / FBP_ALIGN * FBP_ALIGN; }
+
+/* splitmix64: a tiny, well-mixed 64-bit generator; stateless by index for dropout masks, so the
+ * mask of element i does not depend on which thread draws it. */
+static inline uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static inline double uniform01(uint64_t bits) { return (double)(bits >> 11) * 0x1.0p-53; }
+
+void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed) {
+    for (int64_t i = 0; i < n; i++) order[i] = i;
+    uint64_t state = splitmix64(seed);
+    for (int64_t i = n - 1; i > 0; i--) {
+        state = splitmix64(state);
+        /* multiply-shift maps 64 random bits to [0, i] with negligible bias for any n < 2^40 */
+        int64_t j = (int64_t)(((unsigned __int128)state * (uint64_t)(i + 1)) >> 64);
+        int64_t t = order[i];
+        order[i] = order[j];
+        order[j] = t;
+    }
+}
+
+static int valid_activation(int32_t a) { return a >= FBP_ACT_IDENTITY && a <= FBP_ACT_TANH; }
+
+static int within(int64_t offset, int64_t count, int64_t size) {
+    return offset >= 0 && count >= 0 && offset <= size && count <= size - offset;
+}
+
+fbp_status fbp_plan_create(fbp_plan **out, fbp_dtype dtype, const fbp_op *ops, int32_t n_ops,
+                           int64_t n_params, int64_t n_buffers) {
+    if (!out) return FBP_ERR_INVALID;
+    *out = NULL;
+    if ((dtype != FBP_F32 && dtype != FBP_F64) || !ops || n_ops <= 0 || n_params < 0 ||
+        n_buffers < 0)
+        return FBP_ERR_INVALID;
+    int64_t max_width = ops[0].in_features;
+    for (int32_t i = 0; i < n_ops; i++) {
+        const fbp_op *op = &ops[i];
+        if (op->in_features <= 0 || op->out_features <= 0) return FBP_ERR_INVALID;
+        if (i > 0 && op->in_features != ops[i - 1].out_features) return FBP_ERR_INVALID;
+        if (!valid_activation(op->activation)) return FBP_ERR_INVALID;
+        switch (op->kind) {
+        case FBP_OP_LINEAR:
+            if (op->in_features > INT64_MAX / op->out_features) return FBP_ERR_INVALID;
+            if (!within(op->weight, op->in_features * op->out_features, n_params))
+                return FBP_ERR_INVALID;
+            if (op->bias != -1 && !within(op->bias, op->out_features, n_params))
+                return FBP_ERR_INVALID;
+            break;
+        case FBP_OP_ACTIVATION:
+            if (op->in_features != op->out_features) return FBP_ERR_INVALID;
+            break;
+        case FBP_OP_DROPOUT:
+            if (op->in_features != op->out_features || !(op->p >= 0 && op->p < 1))
+                return FBP_ERR_INVALID;
+            break;
+        case FBP_OP_BATCHNORM:
+            if (op->in_features != op->out_features || !(op->p > 0) ||
+                !(op->momentum >= 0 && op->momentum <= 1))
+                return FBP_ERR_INVALID;
+            if ((op->weight != -1 && !within(op->weight, op->out_features, n_params)) ||
+                (op->bias != -1 && !within(op->bias, op->out_features, n_params)) ||
+                !within(op->running, 2 * op->out_features, n_buffers))
+                return FBP_ERR_INVALID;
+            break;
+        default:
+            return FBP_ERR_INVALID;
+        }
+        if (op->out_features > max_width) max_width = op->out_features;
+    }
+    fbp_plan *plan = calloc(1, sizeof *plan);
+    if (!plan) return FBP_ERR_NOMEM;
+    plan->ops = malloc((size_t)n_ops * sizeof *plan->ops);
+    plan->outs = calloc((size_t)n_ops, sizeof *plan->outs);
+    plan->masks = calloc((size_t)n_ops, sizeof *plan->masks);
+    plan->bn_stats = calloc((size_t)n_ops, sizeof *plan->bn_stats);
+    plan->cur_out = calloc((size_t)n_ops, sizeof *plan->cur_out);
+    plan->bn_batches = calloc((size_t)n_ops, sizeof *plan->bn_batches);
+    if (!plan->ops || !plan->outs || !plan->masks || !plan->bn_stats || !plan->cur_out ||
+        !plan->bn_batches) {
+        fbp_plan_destroy(plan);
+        return FBP_ERR_NOMEM;
+    }
+    memcpy(plan->ops, ops, (size_t)n_ops * sizeof *ops);
+    plan->dtype = dtype;
+    plan->n_ops = n_ops;
+    plan->n_params = n_params;
+    plan->n_buffers = n_buffers;
+    plan->in_features = ops[0].in_features;
+    plan->out_features = ops[n_ops - 1].out_features;
+    plan->max_width = max_width;
+    plan->last_batch = -1;
+    *out = plan;
+    return FBP_OK;
+}
+
+void fbp_plan_destroy(fbp_plan *plan) {
+    if (!plan) return;
+    free(plan->workspace);
+    free(plan->ops);
+    free(plan->outs);
+    free(plan->masks);
+    free(plan->bn_stats);
+    free(plan->cur_out);
+    free(plan->bn_batches);
+    free(plan);
+}
+
+void fbp_plan_bind(fbp_plan *plan, void *params, void *grads, void *buffers) {
+    plan->params = params;
+    plan->grads = grads;
+    plan->buffers = buffers;
+}
+
+void fbp_plan_set_seed(fbp_plan *plan, uint64_t seed) {
+    plan->seed = seed;
+    plan->dropout_calls = 0;
+}
+
+int64_t fbp_plan_batchnorm_batches(const fbp_plan *plan, int32_t op) {
+    return op >= 0 && op < plan->n_ops ? plan->bn_batches[op] : 0;
+}
+
+void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n) {
+    if (op >= 0 && op < plan->n_ops) plan->bn_batches[op] = n;
+}
+
+/* Size the workspace for `rows` rows; grows only, so steady-state steps never allocate. */
+static fbp_status reserve(fbp_plan *plan, int64_t rows) {
+    if (rows <= plan->capacity) return FBP_OK;
+    const size_t t = dtype_size(plan->dtype);
+    const size_t r = (size_t)rows;
+    size_t total = align_up(r * (size_t)plan->in_features * t);
+    for (int32_t i = 0; i < plan->n_ops; i++) {
+        const fbp_op *op = &plan->ops[i];
+        total += align_up(r * (size_t)op->out_features * t);
+        if (op->kind == FBP_OP_DROPOUT) total += align_up(r * (size_t)op->out_features * t);
+        if (op->kind == FBP_OP_BATCHNORM)
+            total += align_up(2 * (size_t)op->out_features * sizeof(double));
+    }
+    total += 2 * align_up(r * (size_t)plan->max_width * t);
+    size_t target_elem = (size_t)plan->out_features * t;
+    if (target_elem < sizeof(int64_t)) target_elem = sizeof(int64_t);
+    total += align_up(r * target_elem);
+
+    char *block = NULL;
+    if (posix_memalign((void **)&block, FBP_ALIGN, total) != 0) return FBP_ERR_NOMEM;
+    free(plan->workspace);
+    plan->workspace = block;
+    plan->capacity = rows;
+    plan->last_batch = -1; /* the saved activations are gone */
+    char *p = block;
+    plan->input = p;
+    p += align_up(r * (size_t)plan->in_features * t);
+    for (int32_t i = 0; i < plan->n_ops; i++) {
+        const fbp_op *op = &plan->ops[i];
+        plan->outs[i] = p;
+        p += align_up(r * (size_t)op->out_features * t);
+        if (op->kind == FBP_OP_DROPOUT) {
+            plan->masks[i] = p;
+            p += align_up(r * (size_t)op->out_features * t);
+        }
+        if (op->kind == FBP_OP_BATCHNORM) {
+            plan->bn_stats[i] = (double *)p;
+            p += align_up(2 * (size_t)op->out_features * sizeof(double));
+        }
+    }
+    plan->grad_a = p;
+    p += align_up(r * (size_t)plan->max_width * t);
+    plan->grad_b = p;
+    p += align_up(r * (size_t)plan->max_width * t);
+    plan->target = p;
+    return FBP_OK;
+}
+
+#define FBP_TRAIN_PASS 1
+#define REAL float
+#define SFX f32
+#include "train.c"
+#undef REAL
+#undef SFX
+#define REAL double
+#define SFX f64
+#include "train.c"
+#undef REAL
+#undef SFX
+
+#define DISPATCH(call) (plan->dtype == FBP_F64 ? FBP_CAT(call, _f64) : FBP_CAT(call, _f32))
+
+fbp_status fbp_plan_forward(fbp_plan *plan, void *out, const void *x, int64_t batch, int training) {
+    if (!plan || !x || batch <= 0 || !plan->params) return FBP_ERR_INVALID;
+    return DISPATCH(forward_public)(plan, out, x, batch, training);
+}
+
+fbp_status fbp_plan_backward(fbp_plan *plan, void *dx, const void *dy, int64_t batch) {
+    if (!plan || !dy || batch <= 0 || !plan->grads) return FBP_ERR_INVALID;
+    if (plan->last_batch != batch || !plan->last_training) return FBP_ERR_STATE;
+    return DISPATCH(backward_public)(plan, dx, dy, batch);
+}
+
+fbp_status fbp_plan_loss(fbp_plan *plan, double *loss, void *dout, const void *target,
+                         int64_t batch, fbp_loss loss_kind) {
+    if (!plan || !loss || !target || batch <= 0) return FBP_ERR_INVALID;
+    if (plan->last_batch != batch) return FBP_ERR_STATE;
+    return DISPATCH(loss_public)(plan, loss, dout, target, batch, loss_kind);
+}
+
+fbp_status fbp_plan_update(fbp_plan *plan, fbp_optimizer *opt) {
+    if (!plan || !opt || !plan->params || !plan->grads) return FBP_ERR_INVALID;
+    return DISPATCH(update)(plan, opt);
+}
+
+fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, const void *target,
+                               int64_t batch, fbp_loss loss_kind, fbp_optimizer *opt) {
+    if (!plan || !loss || !x || !target || !opt || batch <= 0 || !plan->params || !plan->grads)
+        return FBP_ERR_INVALID;
+    return DISPATCH(train_step_public)(plan, loss, x, target, batch, loss_kind, opt);
+}
+
+fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
+                                  const void *X, const void *Y, int64_t n, const int64_t *order,
+                                  int64_t batch_size, int64_t first, int64_t count,
+                                  fbp_loss loss_kind, fbp_optimizer *opt) {
+    if (!plan || !loss_sum || !bad_batch || !X || !Y || !order || !opt || n <= 0 ||
+        batch_size <= 0 || first < 0 || count < 0 || !plan->params || !plan->grads)
+        return FBP_ERR_INVALID;
+    return DISPATCH(train_batches)(plan, loss_sum, bad_batch, X, Y, n, order, batch_size, first,
+                                   count, loss_kind, opt);
+}
+
+fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X,
+                             const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind) {
+    if (!plan || !loss_sum || !correct || !X || !Y || n <= 0 || batch_size <= 0 || !plan->params)
+        return FBP_ERR_INVALID;
+    return DISPATCH(evaluate)(plan, loss_sum, correct, X, Y, n, batch_size, loss_kind);
+}
+
+#else /* FBP_TRAIN_PASS: the body, once per dtype */
+
+#define KERNEL(name) FBP_CAT(FBP_CAT(fbp_, name), FBP_CAT(_, SFX))
+#define TFN(name) FBP_CAT(name, FBP_CAT(_, SFX))
+
+/* The op's input: the batch for op 0, else the previous op's output. */
+static inline const REAL *TFN(op_input)(const fbp_plan *plan, int32_t i) {
+    return i == 0 ? (const REAL *)plan->input : (const REAL *)plan->cur_out[i - 1];
+}
+
+static void TFN(batchnorm_forward)(const fbp_plan *plan, int32_t i, REAL *y, const REAL *x,
+                                   int64_t rows, int training) {
+    const fbp_op *op = &plan->ops[i];
+    const int64_t n = op->out_features;
+    const REAL *gamma = op->weight >= 0 ? (const REAL *)plan->params + op->weight : NULL;
+    const REAL *beta = op->bias >= 0 ? (const REAL *)plan->params + op->bias : NULL;
+    REAL *running_mean = (REAL *)plan->buffers + op->running;
+    REAL *running_var = running_mean + n;
+    double *mean = plan->bn_stats[i], *invstd = mean + n;
+    if (training) {
+        /* Sums in double, rows in order: the statistics do not depend on threads. */
+        for (int64_t j = 0; j < n; j++) mean[j] = 0, invstd[j] = 0;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < n; j++) mean[j] += x[r * n + j];
+        for (int64_t j = 0; j < n; j++) mean[j] /= (double)rows;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < n; j++) {
+                double d = x[r * n + j] - mean[j];
+                invstd[j] += d * d; /* the sum of squares, for now */
+            }
+        const double m = op->momentum;
+        for (int64_t j = 0; j < n; j++) {
+            double var = invstd[j] / (double)rows;
+            running_mean[j] = (REAL)((1 - m) * running_mean[j] + m * mean[j]);
+            running_var[j] =
+                (REAL)((1 - m) * running_var[j] + m * var * (double)rows / (double)(rows - 1));
+            invstd[j] = 1 / sqrt(var + op->p);
+        }
+    } else {
+        for (int64_t j = 0; j < n; j++) {
+            mean[j] = running_mean[j];
+            invstd[j] = 1 / sqrt((double)running_var[j] + op->p);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < n; j++) {
+            double v = (x[r * n + j] - mean[j]) * invstd[j];
+            y[r * n + j] = (REAL)(v * (gamma ? gamma[j] : 1) + (beta ? beta[j] : 0));
+        }
+}
+
+/* In place: g holds dL/dy on entry and dL/dx on return. x is the op's input. */
+static void TFN(batchnorm_backward)(const fbp_plan *plan, int32_t i, REAL *g, const REAL *x,
+                                    int64_t rows) {
+    const fbp_op *op = &plan->ops[i];
+    const int64_t n = op->out_features;
+    const REAL *gamma = op->weight >= 0 ? (const REAL *)plan->params + op->weight : NULL;
+    REAL *dgamma = op->weight >= 0 ? (REAL *)plan->grads + op->weight : NULL;
+    REAL *dbeta = op->bias >= 0 ? (REAL *)plan->grads + op->bias : NULL;
+    const double *mean = plan->bn_stats[i], *invstd = mean + n;
+    /* sum_dy and sum_dy_xhat per feature, reusing the grad_b scratch as doubles would alias:
+     * keep them on the stack in chunks of 256 features. */
+    enum { CHUNK = 256 };
+    double sum_dy[CHUNK], sum_dy_xhat[CHUNK];
+    for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+        const int64_t j1 = j0 + CHUNK < n ? j0 + CHUNK : n;
+        for (int64_t j = j0; j < j1; j++) sum_dy[j - j0] = 0, sum_dy_xhat[j - j0] = 0;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = j0; j < j1; j++) {
+                double dy = g[r * n + j];
+                sum_dy[j - j0] += dy;
+                sum_dy_xhat[j - j0] += dy * (x[r * n + j] - mean[j]) * invstd[j];
+            }
+        for (int64_t j = j0; j < j1; j++) {
+            if (dbeta) dbeta[j] += (REAL)sum_dy[j - j0];
+            if (dgamma) dgamma[j] += (REAL)sum_dy_xhat[j - j0];
+        }
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = j0; j < j1; j++) {
+                double scale = (gamma ? gamma[j] : 1) * invstd[j];
+                double xhat = (x[r * n + j] - mean[j]) * invstd[j];
+                double dy = g[r * n + j];
+                g[r * n + j] = (REAL)(scale * (dy - sum_dy[j - j0] / (double)rows -
+                                               xhat * sum_dy_xhat[j - j0] / (double)rows));
+            }
+    }
+}
+
+/* Forward from plan->input (rows x in). */
+static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
+    const REAL *params = plan->params;
+    for (int32_t i = 0; i < plan->n_ops; i++) {
+        const fbp_op *op = &plan->ops[i];
+        const REAL *x = TFN(op_input)(plan, i);
+        REAL *y = plan->outs[i];
+        const int64_t in = op->in_features, out = op->out_features, size = rows * out;
+        fbp_status st = FBP_OK;
+        switch (op->kind) {
+        case FBP_OP_LINEAR:
+            /* y = act(x @ W.T + b): B' = W.T is W read with strides (1, in). */
+            st = KERNEL(gemm)(y, x, params + op->weight, op->bias >= 0 ? params + op->bias : NULL,
+                              rows, out, in, in, 1, 1, in, out, 1, 0,
+                              (fbp_activation)op->activation);
+            break;
+        case FBP_OP_ACTIVATION:
+            st = KERNEL(activation_forward)(y, x, size, (fbp_activation)op->activation);
+            break;
+        case FBP_OP_DROPOUT:
+            if (!training || op->p == 0) {
+                y = (REAL *)x; /* the identity: alias, no copy */
+                break;
+            }
+            {
+                REAL *mask = plan->masks[i];
+                const REAL keep_scale = (REAL)(1 / (1 - op->p));
+                const uint64_t stream = splitmix64(plan->seed ^ splitmix64(++plan->dropout_calls));
+                for (int64_t e = 0; e < size; e++) {
+                    mask[e] = uniform01(splitmix64(stream + (uint64_t)e)) >= op->p ? keep_scale : 0;
+                    y[e] = x[e] * mask[e];
+                }
+            }
+            break;
+        case FBP_OP_BATCHNORM:
+            if (training && rows < 2) return FBP_ERR_INVALID;
+            TFN(batchnorm_forward)(plan, i, y, x, rows, training);
+            if (training) plan->bn_batches[i]++;
+            break;
+        }
+        if (st != FBP_OK) return st;
+        plan->cur_out[i] = y;
+    }
+    plan->last_batch = rows;
+    plan->last_training = training;
+    return FBP_OK;
+}
+
+/* Backward with dL/dout already in plan->grad_a. Writes dL/dx to dx when not NULL. */
+static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows) {
+    const REAL *params = plan->params;
+    REAL *grads = plan->grads;
+    REAL *g = plan->grad_a, *spare = plan->grad_b;
+    for (int32_t i = plan->n_ops - 1; i >= 0; i--) {
+        const fbp_op *op = &plan->ops[i];
+        const REAL *x = TFN(op_input)(plan, i);
+        const REAL *y = plan->cur_out[i];
+        const int64_t in = op->in_features, out = op->out_features;
+        const int need_dx = i > 0 || dx != NULL;
+        fbp_status st = FBP_OK;
+        switch (op->kind) {
+        case FBP_OP_LINEAR:
+            /* dZ = dY * act'(Y) in place, db += colsum(dZ); dW += dZ.T @ X; dX = dZ @ W */
+            st = KERNEL(activation_backward)(g, op->bias >= 0 ? grads + op->bias : NULL, g, y, rows,
+                                             out, (fbp_activation)op->activation, 1);
+            if (st == FBP_OK)
+                st = KERNEL(gemm)(grads + op->weight, g, x, NULL, out, in, rows, 1, out, in, 1, in,
+                                  1, 1, FBP_ACT_IDENTITY);
+            if (st == FBP_OK && need_dx) {
+                st = KERNEL(gemm)(spare, g, params + op->weight, NULL, rows, in, out, out, 1, in, 1,
+                                  in, 1, 0, FBP_ACT_IDENTITY);
+                REAL *t = g;
+                g = spare;
+                spare = t;
+            }
+            break;
+        case FBP_OP_ACTIVATION:
+            st = KERNEL(activation_backward)(g, NULL, g, y, rows, out,
+                                             (fbp_activation)op->activation, 0);
+            break;
+        case FBP_OP_DROPOUT:
+            if (op->p != 0) {
+                const REAL *mask = plan->masks[i];
+                for (int64_t e = 0; e < rows * out; e++) g[e] *= mask[e];
+            }
+            break;
+        case FBP_OP_BATCHNORM:
+            TFN(batchnorm_backward)(plan, i, g, x, rows);
+            break;
+        }
+        if (st != FBP_OK) return st;
+    }
+    if (dx) memcpy(dx, g, (size_t)(rows * plan->in_features) * sizeof(REAL));
+    return FBP_OK;
+}
+
+static fbp_status TFN(loss)(fbp_plan *plan, double *loss, REAL *dout, const void *target,
+                            int64_t rows, fbp_loss kind) {
+    const REAL *y = plan->cur_out[plan->n_ops - 1];
+    const int64_t n = rows * plan->out_features;
+    switch (kind) {
+    case FBP_LOSS_MSE:
+    case FBP_LOSS_MSE_SUM:
+        return KERNEL(mse)(loss, dout, y, target, n, kind == FBP_LOSS_MSE ? 1.0 / (double)n : 1.0);
+    case FBP_LOSS_CROSS_ENTROPY:
+        /* the kernel always writes the gradient: use the spare gradient buffer when unwanted */
+        return KERNEL(softmax_xent)(loss, dout ? dout : (REAL *)plan->grad_b, y, target, rows,
+                                    plan->out_features, 1.0 / (double)rows);
+    default:
+        return FBP_ERR_INVALID;
+    }
+}
+
+static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
+    fbp_status st;
+    switch (opt->kind) {
+    case FBP_OPT_SGD:
+        st = KERNEL(sgd_step)(plan->params, opt->state1, plan->grads, plan->n_params, opt->lr,
+                              opt->momentum, opt->dampening, opt->weight_decay, opt->nesterov,
+                              opt->step == 0);
+        break;
+    case FBP_OPT_ADAM:
+    case FBP_OPT_ADAMW:
+        st = KERNEL(adam_step)(plan->params, opt->state1, opt->state2, plan->grads, plan->n_params,
+                               opt->lr, opt->beta1, opt->beta2, opt->eps, opt->weight_decay,
+                               opt->kind == FBP_OPT_ADAMW, opt->step + 1);
+        break;
+    default:
+        return FBP_ERR_INVALID;
+    }
+    if (st == FBP_OK) opt->step++;
+    return st;
+}
+
+/* One step on the batch already in plan->input and plan->target. */
+static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
+                            fbp_optimizer *opt) {
+    memset(plan->grads, 0, (size_t)plan->n_params * sizeof(REAL));
+    fbp_status st = TFN(forward)(plan, rows, 1);
+    if (st == FBP_OK) st = TFN(loss)(plan, loss, plan->grad_a, plan->target, rows, kind);
+    if (st != FBP_OK) return st;
+    if (!isfinite(*loss)) return FBP_ERR_NONFINITE; /* before the update: weights stay valid */
+    st = TFN(backward)(plan, NULL, rows);
+    if (st == FBP_OK) st = TFN(update)(plan, opt);
+    return st;
+}
+
+static size_t TFN(target_row_bytes)(const fbp_plan *plan, fbp_loss kind) {
+    return kind == FBP_LOSS_CROSS_ENTROPY ? sizeof(int64_t)
+                                          : (size_t)plan->out_features * sizeof(REAL);
+}
+
+static fbp_status TFN(forward_public)(fbp_plan *plan, void *out, const void *x, int64_t rows,
+                                      int training) {
+    fbp_status st = reserve(plan, rows);
+    if (st != FBP_OK) return st;
+    memcpy(plan->input, x, (size_t)(rows * plan->in_features) * sizeof(REAL));
+    st = TFN(forward)(plan, rows, training);
+    if (st == FBP_OK && out)
+        memcpy(out, plan->cur_out[plan->n_ops - 1],
+               (size_t)(rows * plan->out_features) * sizeof(REAL));
+    return st;
+}
+
+static fbp_status TFN(backward_public)(fbp_plan *plan, void *dx, const void *dy, int64_t rows) {
+    memcpy(plan->grad_a, dy, (size_t)(rows * plan->out_features) * sizeof(REAL));
+    return TFN(backward)(plan, dx, rows);
+}
+
+static fbp_status TFN(loss_public)(fbp_plan *plan, double *loss, void *dout, const void *target,
+                                   int64_t rows, fbp_loss kind) {
+    if (kind == FBP_LOSS_CROSS_ENTROPY) {
+        const int64_t *labels = target;
+        for (int64_t r = 0; r < rows; r++)
+            if (labels[r] < 0 || labels[r] >= plan->out_features) return FBP_ERR_INVALID;
+    }
+    return TFN(loss)(plan, loss, dout, target, rows, kind);
+}
+
+static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const void *x,
+                                         const void *target, int64_t rows, fbp_loss kind,
+                                         fbp_optimizer *opt) {
+    fbp_status st = reserve(plan, rows);
+    if (st != FBP_OK) return st;
+    memcpy(plan->input, x, (size_t)(rows * plan->in_features) * sizeof(REAL));
+    memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));
+    return TFN(step)(plan, loss, rows, kind, opt);
+}
+
+static fbp_status TFN(train_batches)(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
+                                     const void *X, const void *Y, int64_t n, const int64_t *order,
+                                     int64_t batch_size, int64_t first, int64_t count,
+                                     fbp_loss kind, fbp_optimizer *opt) {
+    *bad_batch = -1;
+    const int64_t rows_max = batch_size < n ? batch_size : n;
+    fbp_status st = reserve(plan, rows_max);
+    if (st != FBP_OK) return st;
+    const size_t x_row = (size_t)plan->in_features * sizeof(REAL);
+    const size_t y_row = TFN(target_row_bytes)(plan, kind);
+    for (int64_t b = first; b < first + count; b++) {
+        const int64_t start = b * batch_size;
+        if (start >= n) return FBP_ERR_INVALID;
+        const int64_t rows = n - start < batch_size ? n - start : batch_size;
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t src = order[start + r];
+            if (src < 0 || src >= n) return FBP_ERR_INVALID;
+            memcpy((char *)plan->input + (size_t)r * x_row, (const char *)X + (size_t)src * x_row,
+                   x_row);
+            memcpy((char *)plan->target + (size_t)r * y_row, (const char *)Y + (size_t)src * y_row,
+                   y_row);
+        }
+        if (kind == FBP_LOSS_CROSS_ENTROPY) {
+            const int64_t *labels = plan->target;
+            for (int64_t r = 0; r < rows; r++)
+                if (labels[r] < 0 || labels[r] >= plan->out_features) return FBP_ERR_INVALID;
+        }
+        double loss = 0;
+        st = TFN(step)(plan, &loss, rows, kind, opt);
+        if (st == FBP_ERR_NONFINITE) *bad_batch = b;
+        if (st != FBP_OK) return st;
+        *loss_sum += loss * (double)rows;
+    }
+    return FBP_OK;
+}
+
+static fbp_status TFN(evaluate)(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X,
+                                const void *Y, int64_t n, int64_t batch_size, fbp_loss kind) {
+    const int64_t rows_max = batch_size < n ? batch_size : n;
+    fbp_status st = reserve(plan, rows_max);
+    if (st != FBP_OK) return st;
+    const size_t x_row = (size_t)plan->in_features * sizeof(REAL);
+    const size_t y_row = TFN(target_row_bytes)(plan, kind);
+    const int64_t classes = plan->out_features;
+    *loss_sum = 0;
+    *correct = 0;
+    for (int64_t start = 0; start < n; start += batch_size) {
+        const int64_t rows = n - start < batch_size ? n - start : batch_size;
+        memcpy(plan->input, (const char *)X + (size_t)start * x_row, (size_t)rows * x_row);
+        const void *target = (const char *)Y + (size_t)start * y_row;
+        st = TFN(forward)(plan, rows, 0);
+        double loss = 0;
+        if (st == FBP_OK) st = TFN(loss_public)(plan, &loss, NULL, target, rows, kind);
+        if (st != FBP_OK) return st;
+        *loss_sum += loss * (double)rows;
+        if (kind == FBP_LOSS_CROSS_ENTROPY) {
+            const REAL *logits = plan->cur_out[plan->n_ops - 1];
+            const int64_t *labels = target;
+            for (int64_t r = 0; r < rows; r++) {
+                int64_t best = 0;
+                for (int64_t c = 1; c < classes; c++)
+                    if (logits[r * classes + c] > logits[r * classes + best]) best = c;
+                *correct += best == labels[r];
+            }
+        }
+    }
+    return FBP_OK;
+}
+
+#undef KERNEL
+#undef TFN
+#endif /* FBP_TRAIN_PASS */
