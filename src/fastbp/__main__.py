@@ -28,7 +28,9 @@ def _gemm_gflops(n: int = 512, repeats: int = 5) -> float:
 
 def main() -> None:
     fastbp.show_config()
-    print(f"{'self-check':>16}: GEMM 512^3 float32 correct, {_gemm_gflops():.1f} GFLOP/s (best of 5)")
+    print(
+        f"{'self-check':>16}: GEMM 512^3 float32 correct, {_gemm_gflops():.1f} GFLOP/s (best of 5)"
+    )
 
 
 if __name__ == "__main__":

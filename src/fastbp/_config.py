@@ -8,7 +8,7 @@ import sys
 
 from . import _core
 
-__all__ = ["get_num_threads", "set_num_threads", "show_config", "get_config", "available_isas"]
+__all__ = ["available_isas", "get_config", "get_num_threads", "set_num_threads", "show_config"]
 
 
 def get_num_threads() -> int:

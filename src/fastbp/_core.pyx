@@ -5,7 +5,9 @@ These functions trust their callers for shapes and dtypes: fastbp.ops validates 
 public surface. What they still guarantee is that a non-OK status from C becomes an exception.
 """
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport free, malloc
+from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 from cython cimport floating
 
 cdef extern from "fastbp.h" nogil:
@@ -14,6 +16,8 @@ cdef extern from "fastbp.h" nogil:
         FBP_ERR_INVALID
         FBP_ERR_NOMEM
         FBP_ERR_UNSUPPORTED
+        FBP_ERR_NONFINITE
+        FBP_ERR_STATE
     ctypedef enum fbp_activation:
         pass
     ctypedef enum fbp_isa:
@@ -34,8 +38,8 @@ cdef extern from "fastbp.h" nogil:
     fbp_status fbp_gemm_f64(double *c, const double *a, const double *b, const double *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, double alpha, double beta, fbp_activation act)
     fbp_status fbp_activation_forward_f32(float *y, const float *x, int64_t n, fbp_activation act)
     fbp_status fbp_activation_forward_f64(double *y, const double *x, int64_t n, fbp_activation act)
-    fbp_status fbp_activation_backward_f32(float *dz, float *dbias, const float *dy, const float *y, int64_t rows, int64_t cols, fbp_activation act)
-    fbp_status fbp_activation_backward_f64(double *dz, double *dbias, const double *dy, const double *y, int64_t rows, int64_t cols, fbp_activation act)
+    fbp_status fbp_activation_backward_f32(float *dz, float *dbias, const float *dy, const float *y, int64_t rows, int64_t cols, fbp_activation act, int accumulate)
+    fbp_status fbp_activation_backward_f64(double *dz, double *dbias, const double *dy, const double *y, int64_t rows, int64_t cols, fbp_activation act, int accumulate)
     fbp_status fbp_softmax_xent_f32(double *loss, float *dlogits, const float *logits, const int64_t *labels, int64_t rows, int64_t classes, double scale)
     fbp_status fbp_softmax_xent_f64(double *loss, double *dlogits, const double *logits, const int64_t *labels, int64_t rows, int64_t classes, double scale)
     fbp_status fbp_mse_f32(double *loss, float *dpred, const float *pred, const float *target, int64_t n, double scale)
@@ -44,6 +48,45 @@ cdef extern from "fastbp.h" nogil:
     fbp_status fbp_sgd_step_f64(double *param, double *momentum_buf, const double *grad, int64_t n, double lr, double momentum, double dampening, double weight_decay, int nesterov, int first_step)
     fbp_status fbp_adam_step_f32(float *param, float *exp_avg, float *exp_avg_sq, const float *grad, int64_t n, double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled, int64_t step)
     fbp_status fbp_adam_step_f64(double *param, double *exp_avg, double *exp_avg_sq, const double *grad, int64_t n, double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled, int64_t step)
+
+    ctypedef enum fbp_dtype:
+        FBP_F32
+        FBP_F64
+    ctypedef enum fbp_loss:
+        pass
+    ctypedef struct fbp_op:
+        int32_t kind
+        int32_t activation
+        int64_t in_features
+        int64_t out_features
+        int64_t weight
+        int64_t bias
+        int64_t running
+        double p
+        double momentum
+    ctypedef struct fbp_optimizer:
+        int32_t kind
+        int32_t nesterov
+        double lr, momentum, dampening, weight_decay, beta1, beta2, eps
+        int64_t step
+        void *state1
+        void *state2
+    ctypedef struct fbp_plan:
+        pass
+    fbp_status fbp_plan_create(fbp_plan **plan, fbp_dtype dtype, const fbp_op *ops, int32_t n_ops, int64_t n_params, int64_t n_buffers)
+    void fbp_plan_destroy(fbp_plan *plan)
+    void fbp_plan_bind(fbp_plan *plan, void *params, void *grads, void *buffers)
+    void fbp_plan_set_seed(fbp_plan *plan, uint64_t seed)
+    int64_t fbp_plan_batchnorm_batches(const fbp_plan *plan, int32_t op)
+    void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n)
+    fbp_status fbp_plan_forward(fbp_plan *plan, void *out, const void *x, int64_t batch, int training)
+    fbp_status fbp_plan_backward(fbp_plan *plan, void *dx, const void *dy, int64_t batch)
+    fbp_status fbp_plan_loss(fbp_plan *plan, double *loss, void *dout, const void *target, int64_t batch, fbp_loss loss_kind)
+    fbp_status fbp_plan_update(fbp_plan *plan, fbp_optimizer *opt)
+    fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, fbp_loss loss_kind, fbp_optimizer *opt)
+    fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch, const void *X, const void *Y, int64_t n, const int64_t *order, int64_t batch_size, int64_t first, int64_t count, fbp_loss loss_kind, fbp_optimizer *opt)
+    fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X, const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind)
+    void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed)
 
 cdef extern from *:
     """
@@ -55,11 +98,19 @@ cdef extern from *:
 ISA_NAMES = tuple(fbp_isa_name(<fbp_isa>i).decode() for i in range(FBP_ISA_COUNT))
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or infinite; the weights are those of the last good step."""
+
+
 cdef int check(fbp_status status, str what) except -1:
     if status == FBP_OK:
         return 0
     if status == FBP_ERR_NOMEM:
         raise MemoryError(f"{what}: out of memory for the kernel's scratch buffers")
+    if status == FBP_ERR_NONFINITE:
+        raise NonFiniteLossError(f"{what}: the loss is not finite")
+    if status == FBP_ERR_STATE:
+        raise RuntimeError(f"{what}: call forward() in training mode with the same batch first")
     raise ValueError(f"{what}: the C kernel rejected its arguments (status {<int>status})")
 
 
@@ -167,10 +218,10 @@ def activation_backward(floating[:, ::1] dz, floating[::1] dbias, const floating
     with nogil:
         if floating is float:
             status = fbp_activation_backward_f32(dz_p, dbias_p, dy_p, y_p, rows, cols,
-                                                 <fbp_activation>activation)
+                                                 <fbp_activation>activation, 0)
         else:
             status = fbp_activation_backward_f64(dz_p, dbias_p, dy_p, y_p, rows, cols,
-                                                 <fbp_activation>activation)
+                                                 <fbp_activation>activation, 0)
     check(status, "activation_backward")
 
 
@@ -243,3 +294,195 @@ def adam_step(floating[::1] param, floating[::1] exp_avg, floating[::1] exp_avg_
             status = fbp_adam_step_f64(param_p, m_p, v_p, grad_p, n, lr, beta1, beta2, eps,
                                        weight_decay, decoupled, step)
     check(status, "adam_step")
+
+
+# ---- the model plan (csrc/train.c) -------------------------------------------------------------
+
+cdef void *data_ptr(object arr) except? NULL:
+    """The address of a C-contiguous ndarray's first element (validated by the caller)."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(arr, &view, PyBUF_ANY_CONTIGUOUS)
+    cdef void *p = view.buf
+    PyBuffer_Release(&view)
+    return p
+
+
+cdef void *data_ptr_or_null(object arr) except? NULL:
+    if arr is None:
+        return NULL
+    return data_ptr(arr)
+
+
+cdef class OptimizerState:
+    """The C optimizer record for a flat parameter buffer; Python sets the fields each step."""
+    cdef fbp_optimizer opt
+    cdef object state1_arr, state2_arr
+
+    def __init__(self, int kind, state1=None, state2=None):
+        self.opt.kind = kind
+        self.opt.step = 0
+        self.state1_arr = state1
+        self.state2_arr = state2
+        self.opt.state1 = data_ptr_or_null(state1)
+        self.opt.state2 = data_ptr_or_null(state2)
+
+    def configure(self, double lr, double momentum, double dampening, double weight_decay,
+                  bint nesterov, double beta1, double beta2, double eps):
+        self.opt.lr = lr
+        self.opt.momentum = momentum
+        self.opt.dampening = dampening
+        self.opt.weight_decay = weight_decay
+        self.opt.nesterov = nesterov
+        self.opt.beta1 = beta1
+        self.opt.beta2 = beta2
+        self.opt.eps = eps
+
+    @property
+    def step(self):
+        return self.opt.step
+
+    @step.setter
+    def step(self, int64_t value):
+        self.opt.step = value
+
+
+cdef class Plan:
+    """A model's op list in C, bound to its flat parameter, gradient and buffer arrays.
+
+    Not thread-safe: the owning model serialises calls.
+    """
+    cdef fbp_plan *plan
+    cdef object params, grads, buffers
+    cdef readonly int itemsize
+
+    def __cinit__(self):
+        self.plan = NULL
+
+    def __init__(self, list ops, bint float64, params, grads, buffers):
+        cdef int32_t n = len(ops)
+        cdef fbp_op *c_ops = <fbp_op *>malloc(n * sizeof(fbp_op))
+        if c_ops == NULL:
+            raise MemoryError()
+        cdef fbp_status status
+        try:
+            for i, (kind, act, fin, fout, w, b, running, p, momentum) in enumerate(ops):
+                c_ops[i].kind = kind
+                c_ops[i].activation = act
+                c_ops[i].in_features = fin
+                c_ops[i].out_features = fout
+                c_ops[i].weight = w
+                c_ops[i].bias = b
+                c_ops[i].running = running
+                c_ops[i].p = p
+                c_ops[i].momentum = momentum
+            status = fbp_plan_create(&self.plan, FBP_F64 if float64 else FBP_F32, c_ops, n,
+                                     params.size, buffers.size)
+        finally:
+            free(c_ops)
+        if status == FBP_ERR_INVALID:
+            raise ValueError("fastbp: inconsistent model plan (layer sizes or buffer offsets)")
+        check(status, "Plan")
+        self.itemsize = 8 if float64 else 4
+        self.params, self.grads, self.buffers = params, grads, buffers
+        fbp_plan_bind(self.plan, data_ptr(params), data_ptr(grads),
+                      data_ptr(buffers) if buffers.size else NULL)
+
+    def __dealloc__(self):
+        fbp_plan_destroy(self.plan)
+
+    def set_seed(self, uint64_t seed):
+        fbp_plan_set_seed(self.plan, seed)
+
+    def batchnorm_batches(self, int32_t op):
+        return fbp_plan_batchnorm_batches(self.plan, op)
+
+    def set_batchnorm_batches(self, int32_t op, int64_t n):
+        fbp_plan_set_batchnorm_batches(self.plan, op, n)
+
+    def forward(self, x, out, bint training):
+        cdef const void *xp = data_ptr(x)
+        cdef void *op_ = data_ptr_or_null(out)
+        cdef int64_t rows = x.shape[0]
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_forward(self.plan, op_, xp, rows, training)
+        check(status, "forward")
+
+    def backward(self, dy, dx):
+        cdef const void *dyp = data_ptr(dy)
+        cdef void *dxp = data_ptr_or_null(dx)
+        cdef int64_t rows = dy.shape[0]
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_backward(self.plan, dxp, dyp, rows)
+        check(status, "backward")
+
+    def loss(self, target, dout, int loss_kind):
+        cdef const void *tp = data_ptr(target)
+        cdef void *dp = data_ptr_or_null(dout)
+        cdef int64_t rows = target.shape[0]
+        cdef double value = 0
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_loss(self.plan, &value, dp, tp, rows, <fbp_loss>loss_kind)
+        check(status, "loss")
+        return value
+
+    def update(self, OptimizerState opt):
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_update(self.plan, &opt.opt)
+        check(status, "optimizer step")
+
+    def train_step(self, x, target, int loss_kind, OptimizerState opt):
+        cdef const void *xp = data_ptr(x)
+        cdef const void *tp = data_ptr(target)
+        cdef int64_t rows = x.shape[0]
+        cdef double value = 0
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_train_step(self.plan, &value, xp, tp, rows, <fbp_loss>loss_kind,
+                                         &opt.opt)
+        check(status, "train_step")
+        return value
+
+    def train_batches(self, X, Y, order, int64_t batch_size, int64_t first, int64_t count,
+                      int loss_kind, OptimizerState opt):
+        """Returns (loss_sum, bad_batch); bad_batch >= 0 when that batch's loss was not finite."""
+        cdef const void *xp = data_ptr(X)
+        cdef const void *yp = data_ptr(Y)
+        cdef const int64_t *orderp = <const int64_t *>data_ptr(order)
+        cdef int64_t n = X.shape[0]
+        cdef double loss_sum = 0
+        cdef int64_t bad = -1
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_train_batches(self.plan, &loss_sum, &bad, xp, yp, n, orderp,
+                                            batch_size, first, count, <fbp_loss>loss_kind,
+                                            &opt.opt)
+        if status == FBP_ERR_NONFINITE:
+            return loss_sum, bad
+        check(status, "fit")
+        return loss_sum, -1
+
+    def evaluate(self, X, Y, int64_t batch_size, int loss_kind):
+        cdef const void *xp = data_ptr(X)
+        cdef const void *yp = data_ptr(Y)
+        cdef int64_t n = X.shape[0]
+        cdef double loss_sum = 0
+        cdef int64_t correct = 0
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_evaluate(self.plan, &loss_sum, &correct, xp, yp, n, batch_size,
+                                       <fbp_loss>loss_kind)
+        check(status, "evaluate")
+        return loss_sum, correct
+
+
+def shuffle(int64_t[::1] order, uint64_t seed):
+    """Fill `order` with a permutation of range(len(order)) drawn from `seed`."""
+    cdef int64_t n = order.shape[0]
+    if n == 0:
+        return
+    with nogil:
+        fbp_shuffle(&order[0], n, seed)

@@ -42,9 +42,7 @@ def _activation_code(activation: str | None) -> int:
     if activation is None:
         return 0
     if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
-        raise ValueError(
-            f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
-        )
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     return ACTIVATIONS[activation.lower()]
 
 
@@ -209,9 +207,7 @@ def activation_backward(
             raise ValueError(f"activation_backward: {activation!r} needs the forward output")
         y = _matrix(output, "output", dy.dtype)
         if y.shape != dy.shape:
-            raise ValueError(
-                f"output must have the shape of grad_output {dy.shape}, got {y.shape}"
-            )
+            raise ValueError(f"output must have the shape of grad_output {dy.shape}, got {y.shape}")
         y = _contiguous(y)
     if out is None:
         out = np.empty(dy.shape, dtype=dy.dtype)
@@ -297,7 +293,9 @@ def _labels(labels: object, rows: int, classes: int) -> np.ndarray:
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"labels must be an integer array, got dtype {arr.dtype}")
     if arr.shape != (rows,):
-        raise ValueError(f"labels must have shape ({rows},) (one per row of logits), got {arr.shape}")
+        raise ValueError(
+            f"labels must have shape ({rows},) (one per row of logits), got {arr.shape}"
+        )
     if rows:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= classes:
@@ -402,8 +400,15 @@ def sgd_step(
         if not buf.flags.writeable:
             raise ValueError("momentum_buffer is read-only")
     _core.sgd_step(
-        p.reshape(-1), buf, g.reshape(-1), lr, momentum, dampening, weight_decay,
-        bool(nesterov), bool(first_step),
+        p.reshape(-1),
+        buf,
+        g.reshape(-1),
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        bool(nesterov),
+        bool(first_step),
     )
 
 
@@ -443,6 +448,15 @@ def adam_step(
     eps = _scalar(eps, "eps", low=0.0)
     weight_decay = _scalar(weight_decay, "weight_decay", low=0.0)
     _core.adam_step(
-        p.reshape(-1), m.reshape(-1), v.reshape(-1), g.reshape(-1), lr, beta1, beta2, eps,
-        weight_decay, bool(decoupled_weight_decay), int(step),
+        p.reshape(-1),
+        m.reshape(-1),
+        v.reshape(-1),
+        g.reshape(-1),
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        bool(decoupled_weight_decay),
+        int(step),
     )

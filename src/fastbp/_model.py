@@ -1,0 +1,729 @@
+"""Sequential models: the flat buffers, the C plan, and the training entry points."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from . import _core
+from ._random import default_generator, derive_seed
+from .losses import CrossEntropyLoss, Loss, resolve_loss
+from .nn import (
+    _ACTIVATION_CODES,
+    BatchNorm1d,
+    Dropout,
+    Identity,
+    Linear,
+    Module,
+    Parameter,
+    ReLU,
+    Sigmoid,
+    Tanh,
+    _Activation,
+    _aligned_zeros,
+    _check_dtype,
+    _input_matrix,
+    _positive_int,
+)
+
+__all__ = ["MLP", "History", "Sequential"]
+
+_OP_LINEAR, _OP_ACTIVATION, _OP_DROPOUT, _OP_BATCHNORM = 0, 1, 2, 3
+# Target chunks of C work between returns to Python (progress, Ctrl-C): long enough that the
+# call overhead vanishes, short enough that an interrupt is handled within a batch or so.
+_CHUNK_SECONDS = 0.02
+
+
+class History:
+    """What :meth:`Sequential.fit` returns: per-epoch metrics in ``history`` (a dict of lists:
+    loss, val_loss, val_accuracy, time, samples_per_sec, lr)."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+
+    def _append(self, epoch: int, logs: Mapping[str, float]) -> None:
+        self.epoch.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.history[key]
+
+    def __repr__(self) -> str:
+        return f"History(epochs={len(self.epoch)}, keys={sorted(self.history)})"
+
+
+class Sequential(Module):
+    """Layers applied in order, trained as one C plan over one flat parameter buffer.
+
+    ``model[i]`` is the i-th layer; ``state_dict()`` keys follow torch's ``nn.Sequential``
+    (``"0.weight"``, ``"0.bias"``, ...). All layers share one dtype (float32 or float64). A layer
+    belongs to at most one model, since its parameters become views into the model's buffer.
+    """
+
+    def __init__(self, *layers: Module) -> None:
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if isinstance(layer, Sequential):
+                raise TypeError(
+                    f"layer {i}: nested Sequential models are not supported; pass the layers"
+                )
+            if not isinstance(layer, Module):
+                raise TypeError(f"layer {i} must be a fastbp layer, got {type(layer).__name__}")
+        self._layers: list[Module] = list(layers)
+        self.dtype = self._common_dtype()
+        self.in_features, self.out_features = self._check_widths()
+        self._build_buffers()
+        self._ops, self._bn_ops = self._build_ops()
+        self._plan = _core.Plan(
+            self._ops, self.dtype == np.float64, self._params, self._grads, self._buffers
+        )
+        self._plan.set_seed(int(default_generator().integers(2**63)))
+        self._busy = False
+        self._fit_optimizer = None
+        self._last_batch: int | None = None
+        self.training = True
+
+    # ---- construction ----------------------------------------------------------------------
+
+    def _common_dtype(self) -> np.dtype:
+        dtypes = {layer.dtype for layer in self._layers if hasattr(layer, "dtype")}
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"all layers of a model must share one dtype, got {sorted(str(d) for d in dtypes)}"
+            )
+        return dtypes.pop() if dtypes else np.dtype(np.float32)
+
+    def _check_widths(self) -> tuple[int, int]:
+        sized = [
+            (i, layer)
+            for i, layer in enumerate(self._layers)
+            if isinstance(layer, (Linear, BatchNorm1d))
+        ]
+        if not sized:
+            raise ValueError(
+                "Sequential needs at least one Linear or BatchNorm1d layer to know its widths"
+            )
+        first = sized[0][1]
+        width = first.in_features if isinstance(first, Linear) else first.num_features
+        in_features = width
+        for i, layer in enumerate(self._layers):
+            if isinstance(layer, Linear):
+                if layer.in_features != width:
+                    raise ValueError(
+                        f"layer {i} (Linear) expects {layer.in_features} features but receives {width}"
+                    )
+                width = layer.out_features
+            elif isinstance(layer, BatchNorm1d) and layer.num_features != width:
+                raise ValueError(
+                    f"layer {i} (BatchNorm1d) expects {layer.num_features} features but receives {width}"
+                )
+        return in_features, width
+
+    def _build_buffers(self) -> None:
+        named = list(self.named_parameters())
+        for name, p in named:
+            if p.owner is not None:
+                raise ValueError(
+                    f"parameter {name} already belongs to another model; create new layers"
+                )
+        total = sum(p.data.size for _, p in named)
+        self._params = _aligned_zeros(max(total, 1), self.dtype)
+        self._grads = _aligned_zeros(max(total, 1), self.dtype)
+        self._param_slices: dict[str, slice] = {}
+        offset = 0
+        for name, p in named:
+            n = p.data.size
+            view = self._params[offset : offset + n].reshape(p.data.shape)
+            view[...] = p.data
+            p.data = view
+            p._grad = self._grads[offset : offset + n].reshape(view.shape)
+            p.owner = self
+            self._param_slices[name] = slice(offset, offset + n)
+            offset += n
+        n_buffers = sum(
+            2 * layer.num_features for layer in self._layers if isinstance(layer, BatchNorm1d)
+        )
+        self._buffers = _aligned_zeros(max(n_buffers, 1), self.dtype)
+        offset = 0
+        for layer in self._layers:
+            if isinstance(layer, BatchNorm1d):
+                n = layer.num_features
+                self._buffers[offset : offset + n] = layer.running_mean
+                self._buffers[offset + n : offset + 2 * n] = layer.running_var
+                layer.running_mean = self._buffers[offset : offset + n]
+                layer.running_var = self._buffers[offset + n : offset + 2 * n]
+                layer._buffer_offset = offset
+                offset += 2 * n
+
+    def _offset(self, p: Parameter | None) -> int:
+        if p is None:
+            return -1
+        return (p.data.ctypes.data - self._params.ctypes.data) // self.dtype.itemsize
+
+    def _build_ops(self) -> tuple[list[tuple], dict[int, int]]:
+        """The plan: each Linear absorbs the activation right after it (fused epilogue)."""
+        ops: list[tuple] = []
+        bn_ops: dict[int, int] = {}
+        width = self.in_features
+        i = 0
+        while i < len(self._layers):
+            layer = self._layers[i]
+            if isinstance(layer, Linear):
+                act = 0
+                nxt = self._layers[i + 1] if i + 1 < len(self._layers) else None
+                if isinstance(nxt, _Activation):
+                    act = _ACTIVATION_CODES[nxt.name]
+                    i += 1
+                ops.append(
+                    (
+                        _OP_LINEAR,
+                        act,
+                        layer.in_features,
+                        layer.out_features,
+                        self._offset(layer.weight),
+                        self._offset(layer.bias),
+                        -1,
+                        0.0,
+                        0.0,
+                    )
+                )
+                width = layer.out_features
+            elif isinstance(layer, _Activation):
+                if layer.name != "identity":
+                    ops.append(
+                        (
+                            _OP_ACTIVATION,
+                            _ACTIVATION_CODES[layer.name],
+                            width,
+                            width,
+                            -1,
+                            -1,
+                            -1,
+                            0.0,
+                            0.0,
+                        )
+                    )
+            elif isinstance(layer, Dropout):
+                if layer.p > 0:
+                    ops.append((_OP_DROPOUT, 0, width, width, -1, -1, -1, layer.p, 0.0))
+            elif isinstance(layer, BatchNorm1d):
+                bn_ops[i] = len(ops)
+                ops.append(
+                    (
+                        _OP_BATCHNORM,
+                        0,
+                        width,
+                        width,
+                        self._offset(layer.weight),
+                        self._offset(layer.bias),
+                        layer._buffer_offset,
+                        layer.eps,
+                        layer.momentum,
+                    )
+                )
+            else:
+                raise TypeError(f"layer {i}: unsupported layer type {type(layer).__name__}")
+            i += 1
+        if not ops:  # only identities: keep a plan op so the model still runs
+            ops.append((_OP_ACTIVATION, 0, width, width, -1, -1, -1, 0.0, 0.0))
+        return ops, bn_ops
+
+    # ---- the Module surface ------------------------------------------------------------------
+
+    def __getitem__(self, index: int) -> Module:
+        return self._layers[index]
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._layers)
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for i, layer in enumerate(self._layers):
+            yield from layer.named_parameters(f"{prefix}{i}.")
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        for i, layer in enumerate(self._layers):
+            if isinstance(layer, BatchNorm1d):
+                layer.num_batches_tracked = self._plan.batchnorm_batches(self._bn_ops[i])
+            yield from layer.named_buffers(f"{prefix}{i}.")
+
+    def train(self, mode: bool = True) -> Sequential:
+        self.training = bool(mode)
+        for layer in self._layers:
+            layer.train(mode)
+        return self
+
+    def zero_grad(self) -> None:
+        self._grads.fill(0)
+
+    def num_parameters(self) -> int:
+        return sum(p.data.size for p in self.parameters())
+
+    def load_state_dict(self, state_dict: Mapping[str, object], strict: bool = True) -> None:
+        """Copy values (NumPy arrays or torch tensors) into the model's buffers, by torch key.
+
+        Checks every key and shape before writing anything, so a failed load changes nothing.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"state_dict must be a mapping of name -> array, got {type(state_dict).__name__}"
+            )
+        targets: dict[str, np.ndarray] = {name: p.data for name, p in self.named_parameters()}
+        for i, layer in enumerate(self._layers):
+            if isinstance(layer, BatchNorm1d):
+                targets[f"{i}.running_mean"] = layer.running_mean
+                targets[f"{i}.running_var"] = layer.running_var
+        counters = {f"{i}.num_batches_tracked": op for i, op in self._bn_ops.items()}
+        known = set(targets) | set(counters)
+        missing = sorted(known - set(state_dict))
+        unexpected = sorted(set(state_dict) - known)
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        staged: list[tuple[np.ndarray, np.ndarray]] = []
+        for name, target in targets.items():
+            if name not in state_dict:
+                continue
+            value = _to_numpy(state_dict[name], name)
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"load_state_dict: {name} has shape {value.shape}, the model expects {target.shape}"
+                )
+            if value.dtype.kind not in "fiu":
+                raise TypeError(
+                    f"load_state_dict: {name} must be a real array, got dtype {value.dtype}"
+                )
+            staged.append((target, value))
+        staged_counters = []
+        for name, op in counters.items():
+            if name in state_dict:
+                value = _to_numpy(state_dict[name], name)
+                if value.size != 1 or value.dtype.kind not in "iu":
+                    raise ValueError(f"load_state_dict: {name} must be one integer")
+                staged_counters.append((op, int(value.reshape(-1)[0])))
+        for target, value in staged:
+            target[...] = value
+        for op, count in staged_counters:
+            self._plan.set_batchnorm_batches(op, count)
+
+    def seed(self, seed: int) -> None:
+        """Seed the dropout masks of this model (fit(seed=...) does this too)."""
+        self._plan.set_seed(int(seed) % 2**64)
+
+    def extra_repr(self) -> str:
+        return (
+            "\n" + "\n".join(f"  ({i}): {layer!r}" for i, layer in enumerate(self._layers)) + "\n"
+        )
+
+    def _spec(self) -> dict[str, object]:
+        return {
+            "type": "Sequential",
+            "dtype": str(self.dtype),
+            "layers": [layer._spec() for layer in self._layers],
+        }
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        # The plan's workspace holds one batch's activations: concurrent calls would mix them.
+        # Refuse clearly instead (the check-and-set is atomic under the GIL).
+        if self._busy:
+            raise RuntimeError(
+                "this model is already running a call in another thread; use one model per thread"
+            )
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
+    # ---- step API ------------------------------------------------------------------------------
+
+    def _check_input(self, x: object, name: str = "x") -> np.ndarray:
+        arr = _input_matrix(x, self.dtype, name)
+        if arr.shape[1] != self.in_features:
+            raise ValueError(
+                f"{name} has {arr.shape[1]} features, the model expects {self.in_features}"
+            )
+        if arr.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (0 rows)")
+        return arr
+
+    def _check_batchnorm_batch(self, rows: int, training: bool) -> None:
+        if training and self._bn_ops and rows < 2:
+            raise ValueError(
+                "BatchNorm1d needs more than 1 sample per batch in training mode; "
+                "use a larger batch or call model.eval()"
+            )
+
+    def forward(self, x: object) -> np.ndarray:
+        """Run the model on x (batch, in_features); in training mode keep what backward needs."""
+        arr = self._check_input(x)
+        self._check_batchnorm_batch(arr.shape[0], self.training)
+        out = np.empty((arr.shape[0], self.out_features), dtype=self.dtype)
+        with self._exclusive():
+            self._plan.forward(arr, out, self.training)
+        self._last_batch = arr.shape[0] if self.training else None
+        return out
+
+    def backward(self, grad_output: object) -> np.ndarray:
+        """Accumulate parameter gradients from dL/doutput of the last forward; return dL/dx."""
+        if self._last_batch is None:
+            raise RuntimeError(
+                "backward() needs a forward() in training mode first (model.train())"
+            )
+        dy = _input_matrix(grad_output, self.dtype, "grad_output")
+        if dy.shape != (self._last_batch, self.out_features):
+            raise ValueError(
+                f"grad_output must have shape {(self._last_batch, self.out_features)} "
+                f"(the last forward's output), got {dy.shape}"
+            )
+        dx = np.empty((self._last_batch, self.in_features), dtype=self.dtype)
+        with self._exclusive():
+            self._plan.backward(dy, dx)
+        return dx
+
+    def _loss_target(self, loss: Loss, y: object, rows: int, name: str = "y") -> np.ndarray:
+        if isinstance(loss, CrossEntropyLoss):
+            labels = y if isinstance(y, np.ndarray) else np.asarray(y)
+            if labels.dtype == np.bool_ or labels.dtype.kind not in "iu":
+                raise TypeError(
+                    f"{name} must hold integer class labels for cross-entropy, got dtype {labels.dtype}"
+                )
+            if labels.shape != (rows,):
+                raise ValueError(f"{name} must have shape ({rows},), got {labels.shape}")
+            if rows and (labels.min() < 0 or labels.max() >= self.out_features):
+                bad = labels.min() if labels.min() < 0 else labels.max()
+                raise ValueError(f"{name} labels must lie in [0, {self.out_features}), found {bad}")
+            return np.ascontiguousarray(labels, dtype=np.int64)
+        arr = y if isinstance(y, np.ndarray) else np.asarray(y)
+        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+            raise TypeError(f"{name} must be a real array for MSE, got dtype {arr.dtype}")
+        if arr.ndim == 1 and self.out_features == 1:
+            arr = arr.reshape(-1, 1)
+        if arr.shape != (rows, self.out_features):
+            raise ValueError(f"{name} must have shape {(rows, self.out_features)}, got {arr.shape}")
+        out = np.ascontiguousarray(arr, dtype=self.dtype)
+        if not np.isfinite(out).all():
+            raise ValueError(f"{name} contains NaN or infinity")
+        return out
+
+    def train_step(self, x: object, y: object, loss_fn: object, optimizer: object) -> float:
+        """zero_grad, forward, loss, backward and the optimizer update in one call into C.
+
+        ``optimizer`` must be over this model's parameters (``optim.SGD(model.parameters())``).
+        Returns the loss before the update.
+        """
+        loss = resolve_loss(loss_fn)
+        arr = self._check_input(x)
+        self._check_batchnorm_batch(arr.shape[0], True)
+        target = self._loss_target(loss, y, arr.shape[0])
+        state = _flat_state(optimizer, self)
+        self.train()
+        with self._exclusive():
+            value = self._plan.train_step(arr, target, loss.kind, state)
+        self._last_batch = arr.shape[0]
+        return value
+
+    # ---- whole-epoch training ------------------------------------------------------------------
+
+    def fit(
+        self,
+        X: object,
+        y: object,
+        *,
+        loss: object = "mse",
+        optimizer: object = None,
+        epochs: int = 1,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int | None = None,
+        validation_data: tuple[object, object] | None = None,
+        callbacks: Sequence[object] | None = None,
+        lr_scheduler: object = None,
+        verbose: int = 0,
+        stop_on_nonfinite: bool = True,
+    ) -> History:
+        """Train for ``epochs`` epochs; each epoch runs in C (shuffle, gather, forward, loss,
+        backward, update) and returns to Python only to report progress.
+
+        ``optimizer`` defaults to Adam(lr=1e-3), kept across fit calls. ``seed`` fixes the batch
+        order and dropout masks: the same seed gives bitwise the same weights, whatever the
+        thread count. ``callbacks`` are callables ``f(epoch, logs)`` or objects with
+        ``on_epoch_end(epoch, logs)`` / ``on_batch_end(batch, logs)``. ``lr_scheduler.step()``
+        runs after each epoch. A NaN/inf loss stops training with
+        :class:`fastbp.NonFiniteLossError` naming the epoch and batch (weights are those of the
+        last good step); with ``stop_on_nonfinite=False`` that batch is skipped instead.
+        Returns a :class:`History`.
+        """
+        from .optim import Adam
+
+        loss_obj = resolve_loss(loss)
+        Xa = self._fit_inputs(X, "X")
+        n = Xa.shape[0]
+        Ya = self._loss_target(loss_obj, y, n)
+        epochs = _nonnegative_int(epochs, "epochs")
+        batch_size = _positive_int(batch_size, "batch_size")
+        if batch_size > n:
+            warnings.warn(
+                f"batch_size={batch_size} is larger than the {n} samples; using {n}", stacklevel=2
+            )
+            batch_size = n
+        self._check_batchnorm_batch(min(batch_size, n % batch_size or batch_size), True)
+        if optimizer is None:
+            if self._fit_optimizer is None:
+                self._fit_optimizer = Adam(self.parameters(), lr=1e-3)
+            optimizer = self._fit_optimizer
+        state = _flat_state(optimizer, self)
+        val = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (X_val, y_val)")
+            Xv = self._fit_inputs(validation_data[0], "validation X")
+            val = (Xv, self._loss_target(loss_obj, validation_data[1], Xv.shape[0], "validation y"))
+        callbacks = list(callbacks or [])
+        base_seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+        if seed is not None:
+            self.seed(derive_seed(base_seed, 1))
+
+        history = History()
+        order = np.arange(n, dtype=np.int64)
+        n_batches = math.ceil(n / batch_size)
+        self.train()
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            if shuffle:
+                _core.shuffle(order, derive_seed(base_seed, 0, epoch))
+            loss_sum, rows_done, skipped = self._run_epoch(
+                Xa,
+                Ya,
+                order,
+                batch_size,
+                n_batches,
+                loss_obj,
+                state,
+                optimizer,
+                epoch,
+                callbacks,
+                stop_on_nonfinite,
+            )
+            elapsed = time.perf_counter() - t0
+            logs = {
+                "loss": loss_sum / max(rows_done, 1),
+                "time": elapsed,
+                "samples_per_sec": rows_done / elapsed if elapsed > 0 else float("inf"),
+                "lr": float(optimizer.param_groups[0]["lr"]),
+            }
+            if skipped:
+                logs["skipped_batches"] = skipped
+            if val is not None:
+                logs.update(
+                    {
+                        f"val_{k}": v
+                        for k, v in self._evaluate(val[0], val[1], loss_obj, 1024).items()
+                    }
+                )
+            history._append(epoch, logs)
+            if verbose:
+                print(
+                    f"epoch {epoch + 1}/{epochs}: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
+                )
+            for cb in callbacks:
+                if hasattr(cb, "on_epoch_end"):
+                    cb.on_epoch_end(epoch, logs)
+                elif callable(cb):
+                    cb(epoch, logs)
+            if lr_scheduler is not None:
+                lr_scheduler.step()
+        return history
+
+    def _fit_inputs(self, X: object, name: str) -> np.ndarray:
+        arr = X if isinstance(X, np.ndarray) else np.asarray(X)
+        if arr.dtype == np.bool_ or arr.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a real array, got dtype {arr.dtype}")
+        if arr.ndim != 2:
+            hint = f"; for a single sample use {name}.reshape(1, -1)" if arr.ndim == 1 else ""
+            raise ValueError(f"{name} must be 2-D (samples, features), got shape {arr.shape}{hint}")
+        if arr.shape[0] == 0:
+            raise ValueError(f"{name} has no samples")
+        if arr.shape[1] != self.in_features:
+            raise ValueError(
+                f"{name} has {arr.shape[1]} features, the model expects {self.in_features}"
+            )
+        out = np.ascontiguousarray(arr, dtype=self.dtype)
+        if not np.isfinite(out).all():
+            raise ValueError(f"{name} contains NaN or infinity")
+        return out
+
+    def _run_epoch(
+        self,
+        Xa,
+        Ya,
+        order,
+        batch_size,
+        n_batches,
+        loss_obj,
+        state,
+        optimizer,
+        epoch,
+        callbacks,
+        stop_on_nonfinite,
+    ) -> tuple[float, int, int]:
+        n = Xa.shape[0]
+        batch_hooks = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
+        loss_sum, rows_done, skipped = 0.0, 0, 0
+        first, chunk = 0, 1
+        while first < n_batches:
+            count = min(chunk, n_batches - first)
+            t0 = time.perf_counter()
+            with self._exclusive():
+                optimizer._sync(state)
+                part, bad = self._plan.train_batches(
+                    Xa, Ya, order, batch_size, first, count, loss_obj.kind, state
+                )
+            loss_sum += part
+            done = (bad if bad >= 0 else first + count) - first
+            rows_done += min(n, (first + done) * batch_size) - first * batch_size
+            if bad >= 0:
+                if stop_on_nonfinite:
+                    raise _core.NonFiniteLossError(
+                        f"the training loss became NaN or infinite at epoch {epoch + 1}, batch {bad + 1} "
+                        f"(of {n_batches}); the weights are those after the last finite step. Lower the "
+                        "learning rate, check the data, or pass stop_on_nonfinite=False to skip such batches"
+                    )
+                skipped += 1
+                first = bad + 1
+            else:
+                first += count
+            for cb in batch_hooks:
+                cb.on_batch_end(first - 1, {"epoch": epoch, "loss": loss_sum / max(rows_done, 1)})
+            # Grow chunks while they are short: few returns to Python, prompt Ctrl-C.
+            if time.perf_counter() - t0 < _CHUNK_SECONDS:
+                chunk *= 2
+        return loss_sum, rows_done, skipped
+
+    def predict(self, X: object, batch_size: int = 1024) -> np.ndarray:
+        """Outputs for X in eval mode (dropout off, BatchNorm's running statistics), batch by batch."""
+        Xa = self._fit_inputs(X, "X")
+        batch_size = _positive_int(batch_size, "batch_size")
+        out = np.empty((Xa.shape[0], self.out_features), dtype=self.dtype)
+        with self._exclusive():
+            for start in range(0, Xa.shape[0], batch_size):
+                stop = min(start + batch_size, Xa.shape[0])
+                self._plan.forward(Xa[start:stop], out[start:stop], False)
+        self._last_batch = None
+        return out
+
+    def evaluate(
+        self, X: object, y: object, loss: object = None, batch_size: int = 1024
+    ) -> dict[str, float]:
+        """Loss (and accuracy for classification) in eval mode. The loss defaults to
+        cross-entropy for integer labels, MSE otherwise."""
+        if loss is None:
+            y_arr = np.asarray(y)
+            loss = (
+                "cross_entropy"
+                if y_arr.dtype.kind in "iu" and y_arr.ndim == 1 and self.out_features > 1
+                else "mse"
+            )
+        loss_obj = resolve_loss(loss)
+        Xa = self._fit_inputs(X, "X")
+        return self._evaluate(
+            Xa,
+            self._loss_target(loss_obj, y, Xa.shape[0]),
+            loss_obj,
+            _positive_int(batch_size, "batch_size"),
+        )
+
+    def _evaluate(
+        self, Xa: np.ndarray, Ya: np.ndarray, loss_obj: Loss, batch_size: int
+    ) -> dict[str, float]:
+        with self._exclusive():
+            loss_sum, correct = self._plan.evaluate(Xa, Ya, batch_size, loss_obj.kind)
+        self._last_batch = None
+        out = {"loss": loss_sum / Xa.shape[0]}
+        if isinstance(loss_obj, CrossEntropyLoss):
+            out["accuracy"] = correct / Xa.shape[0]
+        return out
+
+
+def MLP(
+    sizes: Sequence[int],
+    activation: str = "relu",
+    output_activation: str | None = None,
+    dropout: float = 0.0,
+    dtype: object = np.float32,
+    seed: int | None = None,
+) -> Sequential:
+    """A fully-connected network, e.g. ``MLP([784, 256, 128, 10])``: Linear, activation (and
+    Dropout when ``dropout > 0``) between layers, an optional output activation. ``seed`` fixes
+    the initial weights (torch's init) and the dropout masks."""
+    acts = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "identity": Identity}
+    if not isinstance(sizes, (list, tuple)) or len(sizes) < 2:
+        raise ValueError(f"sizes must list at least an input and an output width, got {sizes!r}")
+    sizes = [_positive_int(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
+    for name, value in (("activation", activation), ("output_activation", output_activation)):
+        if value is not None and (not isinstance(value, str) or value.lower() not in acts):
+            raise ValueError(f"{name} must be one of {sorted(acts)}, got {value!r}")
+    dt = _check_dtype(dtype)
+    rng = np.random.default_rng(seed) if seed is not None else None
+    layers: list[Module] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(Linear(fan_in, fan_out, dtype=dt, rng=rng))
+        if i < len(sizes) - 2:
+            layers.append(acts[activation.lower()]())
+            if dropout:
+                layers.append(Dropout(dropout))
+    if output_activation is not None:
+        layers.append(acts[output_activation.lower()]())
+    model = Sequential(*layers)
+    if seed is not None:
+        model.seed(derive_seed(int(seed), 2))
+    return model
+
+
+def _nonnegative_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _to_numpy(value: object, name: str) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(
+        value, "cpu"
+    ):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        raise TypeError(f"{name}: cannot convert {type(value).__name__} to an array")
+    return arr
+
+
+def _flat_state(optimizer: object, model: Sequential):
+    from .optim import Optimizer
+
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a fastbp.optim optimizer, got {type(optimizer).__name__}"
+        )
+    state = optimizer._flat_state_for(model)
+    if state is None:
+        raise ValueError(
+            "the optimizer must be built over exactly this model's parameters, "
+            "e.g. fastbp.optim.SGD(model.parameters(), lr=0.1)"
+        )
+    return state

@@ -1,0 +1,25 @@
+"""fastbp's global random generator, used for weight initialisation when no seed is given."""
+
+from __future__ import annotations
+
+import numpy as np
+
+_generator = np.random.default_rng()
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the generator behind default weight initialisation (like ``torch.manual_seed``)."""
+    global _generator
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    _generator = np.random.default_rng(int(seed))
+
+
+def default_generator() -> np.random.Generator:
+    return _generator
+
+
+def derive_seed(base: int, *stream: int) -> int:
+    """A 64-bit seed for a sub-stream (an epoch, dropout), reproducible from `base`."""
+    seq = np.random.SeedSequence([base, *stream])
+    return int(seq.generate_state(1, dtype=np.uint64)[0])
