@@ -210,14 +210,12 @@ static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *
     }
 }
 
-static void LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
-                             int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
-                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
-                             REAL *packed_b, REAL *packed_a, int nthreads) {
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+/* One thread's share of the packed GEMM; `team` threads run it together (barriers inside). */
+static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, const REAL *b,
+                                  const REAL *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a,
+                                  int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha,
+                                  REAL beta, fbp_activation act, REAL *packed_b, REAL *packed_a) {
     {
-        const int tid = omp_get_thread_num();
-        const int team = omp_get_num_threads();
         VEC acc[MR][NV];
         for (int64_t jc = 0; jc < n; jc += NC) {
             const int64_t nc = min_i64(NC, n - jc);
@@ -267,6 +265,21 @@ static void LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *
             }
         }
     }
+}
+
+static void LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
+                             int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
+                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
+                             REAL *packed_b, REAL *packed_a, int nthreads) {
+    /* No OpenMP region for one thread: even an if(0) region costs a trip through libgomp. */
+    if (nthreads <= 1) {
+        LFN(gemm_packed_team)(0, 1, c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
+                              beta, act, packed_b, packed_a);
+        return;
+    }
+#pragma omp parallel num_threads(nthreads)
+    LFN(gemm_packed_team)(omp_get_thread_num(), omp_get_num_threads(), c, a, b, bias, m, n, k, rs_a,
+                          cs_a, rs_b, cs_b, ldc, alpha, beta, act, packed_b, packed_a);
 }
 
 fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,

@@ -45,7 +45,12 @@ fbp_status KFN(sgd_step)(REAL *param, REAL *momentum_buf, const REAL *grad, int6
     if (n == 0) return FBP_OK;
     if (!param || !grad || (momentum != 0 && !momentum_buf)) return FBP_ERR_INVALID;
     const int nthreads = fbp_team_size(n, OPTIM_THREAD_GRAIN);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    if (nthreads <= 1) {
+        LFN(sgd_range)(param, momentum_buf, grad, n, (REAL)lr, (REAL)momentum, (REAL)dampening,
+                       (REAL)weight_decay, nesterov, first_step);
+        return FBP_OK;
+    }
+#pragma omp parallel num_threads(nthreads)
     {
         int64_t lo, hi;
         fbp_split_range(n, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
@@ -86,7 +91,12 @@ fbp_status KFN(adam_step)(REAL *param, REAL *exp_avg, REAL *exp_avg_sq, const RE
     const REAL decay = decoupled ? (REAL)(1 - lr * weight_decay) : 1;
     const REAL wd = decoupled ? 0 : (REAL)weight_decay;
     const int nthreads = fbp_team_size(n, OPTIM_THREAD_GRAIN);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    if (nthreads <= 1) {
+        LFN(adam_range)(param, exp_avg, exp_avg_sq, grad, n, (REAL)beta1, (REAL)beta2, (REAL)eps,
+                        wd, decay, step_size, bc2_sqrt);
+        return FBP_OK;
+    }
+#pragma omp parallel num_threads(nthreads)
     {
         int64_t lo, hi;
         fbp_split_range(n, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);

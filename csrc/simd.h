@@ -31,14 +31,15 @@ typedef int64_t vi64 __attribute__((vector_size(FBP_VBYTES)));
         return v;                                                                                  \
     }                                                                                              \
     FBP_INLINE void vstore_##SFX(T *p, V v) { memcpy(p, &v, sizeof v); }                           \
-    /* The first n lanes from p, zeros after: tails without reading past the end. */               \
+    /* The first n lanes from p, zeros after: tails without reading past the end. A lane loop,     \
+     * not a variable-size memcpy, which would be a libc call per tail. */                         \
     FBP_INLINE V vload_part_##SFX(const T *p, int64_t n) {                                         \
         V v = {0};                                                                                 \
-        memcpy(&v, p, (size_t)n * sizeof(T));                                                      \
+        for (int64_t i = 0; i < n; i++) v[i] = p[i];                                               \
         return v;                                                                                  \
     }                                                                                              \
     FBP_INLINE void vstore_part_##SFX(T *p, V v, int64_t n) {                                      \
-        memcpy(p, &v, (size_t)n * sizeof(T));                                                      \
+        for (int64_t i = 0; i < n; i++) p[i] = v[i];                                               \
     }                                                                                              \
     /* s - 0 is exactly s for every s (even -0), so it folds to a bare broadcast; (V){0} + s       \
      * would not fold (-0 + 0 is +0) and costs a scalar add per use. */                            \
