@@ -21,8 +21,8 @@
 #else /* FBP_TEMPLATE_PASS */
 
 static void LFN(sgd_range)(REAL *restrict p, REAL *restrict buf, const REAL *restrict g, int64_t n,
-                           REAL lr, REAL mom, REAL damp, REAL wd, int nesterov, int first) {
-    const REAL keep = 1 - damp;
+                           REAL lr, REAL mom, REAL keep, REAL wd, int nesterov, int first) {
+    /* keep = 1 - dampening, formed in double by the caller and rounded once (as torch does) */
     if (mom == 0) {
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) p[i] -= lr * (wd != 0 ? g[i] + wd * p[i] : g[i]);
@@ -46,8 +46,8 @@ fbp_status KFN(sgd_step)(REAL *param, REAL *momentum_buf, const REAL *grad, int6
     if (!param || !grad || (momentum != 0 && !momentum_buf)) return FBP_ERR_INVALID;
     const int nthreads = fbp_team_size(n, OPTIM_THREAD_GRAIN);
     if (nthreads <= 1) {
-        LFN(sgd_range)(param, momentum_buf, grad, n, (REAL)lr, (REAL)momentum, (REAL)dampening,
-                       (REAL)weight_decay, nesterov, first_step);
+        LFN(sgd_range)(param, momentum_buf, grad, n, (REAL)lr, (REAL)momentum,
+                       (REAL)(1.0 - dampening), (REAL)weight_decay, nesterov, first_step);
         return FBP_OK;
     }
 #pragma omp parallel num_threads(nthreads)
@@ -55,16 +55,15 @@ fbp_status KFN(sgd_step)(REAL *param, REAL *momentum_buf, const REAL *grad, int6
         int64_t lo, hi;
         fbp_split_range(n, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
         LFN(sgd_range)(param + lo, momentum_buf ? momentum_buf + lo : NULL, grad + lo, hi - lo,
-                       (REAL)lr, (REAL)momentum, (REAL)dampening, (REAL)weight_decay, nesterov,
-                       first_step);
+                       (REAL)lr, (REAL)momentum, (REAL)(1.0 - dampening), (REAL)weight_decay,
+                       nesterov, first_step);
     }
     return FBP_OK;
 }
 
 static void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
-                            const REAL *restrict g, int64_t n, REAL b1, REAL b2, REAL eps, REAL wd,
-                            REAL decay, REAL step_size, REAL bc2_sqrt) {
-    const REAL w1 = 1 - b1, w2 = 1 - b2;
+                            const REAL *restrict g, int64_t n, REAL w1, REAL b2, REAL w2, REAL eps,
+                            REAL wd, REAL decay, REAL step_size, REAL bc2_sqrt) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         REAL pi = p[i] * decay; /* AdamW's decoupled decay; decay == 1 for Adam */
@@ -90,18 +89,20 @@ fbp_status KFN(adam_step)(REAL *param, REAL *exp_avg, REAL *exp_avg_sq, const RE
     const REAL step_size = (REAL)(lr / bc1), bc2_sqrt = (REAL)sqrt(bc2);
     const REAL decay = decoupled ? (REAL)(1 - lr * weight_decay) : 1;
     const REAL wd = decoupled ? 0 : (REAL)weight_decay;
+    /* 1 - beta in double, rounded once: in float, 1 - fl(0.999) loses ~7 bits to cancellation */
+    const REAL w1 = (REAL)(1.0 - beta1), b2 = (REAL)beta2, w2 = (REAL)(1.0 - beta2);
     const int nthreads = fbp_team_size(n, OPTIM_THREAD_GRAIN);
     if (nthreads <= 1) {
-        LFN(adam_range)(param, exp_avg, exp_avg_sq, grad, n, (REAL)beta1, (REAL)beta2, (REAL)eps,
-                        wd, decay, step_size, bc2_sqrt);
+        LFN(adam_range)(param, exp_avg, exp_avg_sq, grad, n, w1, b2, w2, (REAL)eps, wd, decay,
+                        step_size, bc2_sqrt);
         return FBP_OK;
     }
 #pragma omp parallel num_threads(nthreads)
     {
         int64_t lo, hi;
         fbp_split_range(n, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
-        LFN(adam_range)(param + lo, exp_avg + lo, exp_avg_sq + lo, grad + lo, hi - lo, (REAL)beta1,
-                        (REAL)beta2, (REAL)eps, wd, decay, step_size, bc2_sqrt);
+        LFN(adam_range)(param + lo, exp_avg + lo, exp_avg_sq + lo, grad + lo, hi - lo, w1, b2, w2,
+                        (REAL)eps, wd, decay, step_size, bc2_sqrt);
     }
     return FBP_OK;
 }
