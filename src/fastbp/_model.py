@@ -34,6 +34,8 @@ from .nn import (
 
 __all__ = ["MLP", "History", "Sequential"]
 
+_SUPPORTED_LAYERS = (Linear, _Activation, Dropout, BatchNorm1d)
+
 _OP_LINEAR, _OP_ACTIVATION, _OP_DROPOUT, _OP_BATCHNORM = 0, 1, 2, 3
 # Target chunks of C work between returns to Python (progress, Ctrl-C): long enough that the
 # call overhead vanishes, short enough that an interrupt is handled within a batch or so.
@@ -76,16 +78,24 @@ class Sequential(Module):
                 raise TypeError(
                     f"layer {i}: nested Sequential models are not supported; pass the layers"
                 )
-            if not isinstance(layer, Module):
-                raise TypeError(f"layer {i} must be a fastbp layer, got {type(layer).__name__}")
+            if not isinstance(layer, _SUPPORTED_LAYERS):
+                raise TypeError(
+                    f"layer {i}: unsupported layer type {type(layer).__name__}; fastbp models are "
+                    "built from Linear, Sigmoid, ReLU, Tanh, Identity, Dropout and BatchNorm1d"
+                )
         self._layers: list[Module] = list(layers)
         self.dtype = self._common_dtype()
         self.in_features, self.out_features = self._check_widths()
         self._build_buffers()
-        self._ops, self._bn_ops = self._build_ops()
-        self._plan = _core.Plan(
-            self._ops, self.dtype == np.float64, self._params, self._grads, self._buffers
-        )
+        try:
+            self._ops, self._bn_ops = self._build_ops()
+            self._plan = _core.Plan(
+                self._ops, self.dtype == np.float64, self._params, self._grads, self._buffers
+            )
+        except BaseException:
+            for p in self.parameters():  # a failed model must not keep its layers
+                p.owner = None
+            raise
         self._plan.set_seed(int(default_generator().integers(2**63)))
         self._busy = False
         self._fit_optimizer = None
@@ -257,6 +267,19 @@ class Sequential(Module):
             if isinstance(layer, BatchNorm1d):
                 layer.num_batches_tracked = self._plan.batchnorm_batches(self._bn_ops[i])
             yield from layer.named_buffers(f"{prefix}{i}.")
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of parameters and buffers under torch's keys, in torch's order (layer by
+        layer: weight, bias, then BatchNorm's running_mean, running_var, num_batches_tracked)."""
+        out: dict[str, np.ndarray] = {}
+        for i, layer in enumerate(self._layers):
+            if isinstance(layer, BatchNorm1d):
+                layer.num_batches_tracked = self._plan.batchnorm_batches(self._bn_ops[i])
+            for name, p in layer.named_parameters(f"{i}."):
+                out[name] = p.data.copy()
+            for name, b in layer.named_buffers(f"{i}."):
+                out[name] = np.array(b, copy=True)
+        return out
 
     def train(self, mode: bool = True) -> Sequential:
         self.training = bool(mode)
@@ -432,6 +455,7 @@ class Sequential(Module):
         state = _flat_state(optimizer, self)
         self.train()
         with self._exclusive():
+            optimizer._sync(state)
             value = self._plan.train_step(arr, target, loss.kind, state)
         self._last_batch = arr.shape[0]
         return value
@@ -498,6 +522,7 @@ class Sequential(Module):
             self.seed(derive_seed(base_seed, 1))
 
         history = History()
+        self._last_batch = None  # fit overwrites the activations a step-API backward would use
         order = np.arange(n, dtype=np.int64)
         n_batches = math.ceil(n / batch_size)
         self.train()
@@ -520,7 +545,7 @@ class Sequential(Module):
             )
             elapsed = time.perf_counter() - t0
             logs = {
-                "loss": loss_sum / max(rows_done, 1),
+                "loss": loss_sum / rows_done if rows_done else float("nan"),
                 "time": elapsed,
                 "samples_per_sec": rows_done / elapsed if elapsed > 0 else float("inf"),
                 "lr": float(optimizer.param_groups[0]["lr"]),
@@ -607,10 +632,12 @@ class Sequential(Module):
                 first = bad + 1
             else:
                 first += count
+            running = loss_sum / rows_done if rows_done else float("nan")
             for cb in batch_hooks:
-                cb.on_batch_end(first - 1, {"epoch": epoch, "loss": loss_sum / max(rows_done, 1)})
-            # Grow chunks while they are short: few returns to Python, prompt Ctrl-C.
-            if time.perf_counter() - t0 < _CHUNK_SECONDS:
+                cb.on_batch_end(first - 1, {"epoch": epoch, "loss": running})
+            # Grow chunks while they are short: few returns to Python, prompt Ctrl-C. Batch
+            # callbacks are promised every batch, so with them the chunk stays one batch.
+            if not batch_hooks and time.perf_counter() - t0 < _CHUNK_SECONDS:
                 chunk *= 2
         return loss_sum, rows_done, skipped
 

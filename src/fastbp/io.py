@@ -4,6 +4,7 @@ the architecture as JSON in the metadata. No pickle: loading never executes anyt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -40,19 +41,19 @@ def save(model: Sequential, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_os_error():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _layer_from_spec(spec: object, dtype: np.dtype, index: int) -> Module:
