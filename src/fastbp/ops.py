@@ -90,7 +90,8 @@ def _check_rows_out(out: object, shape: tuple[int, int], dtype: np.dtype) -> np.
     item = out.itemsize
     m, n = shape
     if m * n and (
-        (n > 1 and out.strides[1] != item) or (m > 1 and out.strides[0] < max(n, 1) * item)
+        (n > 1 and out.strides[1] != item)
+        or (m > 1 and (out.strides[0] < max(n, 1) * item or out.strides[0] % item))
     ):
         raise ValueError(
             f"out must have contiguous rows (strides ({max(n, 1) * item}+, {item})), "
@@ -215,8 +216,10 @@ def activation_backward(
         out = _check_out(out, dy.shape, dy.dtype)
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
-        if out is not grad_output:
-            _check_no_overlap(out, output=y)
+        exact_alias = out.ctypes.data == dy.ctypes.data and out.strides == dy.strides
+        if not exact_alias:  # in place (out = grad_output) is fine; a shifted overlap is not
+            _check_no_overlap(out, grad_output=dy)
+        _check_no_overlap(out, output=y)
     dy = _contiguous(dy)
     dbias = np.empty(dy.shape[1], dtype=dy.dtype)
     _core.activation_backward(out, dbias, dy, y, act)
