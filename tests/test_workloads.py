@@ -326,9 +326,9 @@ def test_w3_shaped_training_learns():
 
 
 def _fashion_mnist_dir() -> pathlib.Path | None:
-    """Where Debian's dataset-fashion-mnist puts the IDX files (or FASTBP_FASHION_MNIST)."""
+    """Where Debian's dataset-fashion-mnist puts the IDX files (or FASHION_MNIST_DIR)."""
     candidates = [
-        os.environ.get("FASTBP_FASHION_MNIST", ""),
+        os.environ.get("FASHION_MNIST_DIR", ""),
         "/usr/share/datasets/fashion-mnist",
         "/usr/share/dataset-fashion-mnist",
     ]
