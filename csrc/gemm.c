@@ -35,7 +35,7 @@ enum {
 };
 #elif defined(FBP_BUILD_AVX2)
 /* 16 ymm registers: 6 x 2 accumulators + 2 B vectors + 1 broadcast. */
-enum { GEMM_MR_f32 = 6, GEMM_NV_f32 = 2, GEMM_MC_f32 = 144, GEMM_KC_f32 = 256, GEMM_NC_f32 = 4080 };
+enum { GEMM_MR_f32 = 6, GEMM_NV_f32 = 2, GEMM_MC_f32 = 144, GEMM_KC_f32 = 384, GEMM_NC_f32 = 4080 };
 enum { GEMM_MR_f64 = 6, GEMM_NV_f64 = 2, GEMM_MC_f64 = 72, GEMM_KC_f64 = 256, GEMM_NC_f64 = 4080 };
 #else
 /* Baseline x86-64 (SSE2, 16 xmm) or any other CPU: 4 x 2 accumulators of 16 bytes. */
@@ -100,13 +100,61 @@ FBP_INLINE void LFN(epilogue)(REAL *dst, VEC acc, int64_t cnt, const REAL *bias,
         V_(vstore_part)(dst, x, cnt);
 }
 
+#define FBP_LANES(F, S) FBP_CAT(FBP_LANES_, VLN)(F, S)
+#define MASK_LO(l, S) (((l) & (S)) ? VLN + (l) - (S) : (l))
+#define MASK_HI(l, S) (((l) & (S)) ? VLN + (l) : (l) + (S))
+/* One stage of the block swap: rows i and i + S exchange their off-diagonal S-lane halves. */
+#define TRANSPOSE_STAGE(r, S)                                                                      \
+    do {                                                                                           \
+        const IVEC lo = {FBP_LANES(MASK_LO, S)}, hi = {FBP_LANES(MASK_HI, S)};                     \
+        for (int i = 0; i < VLN; i++) {                                                            \
+            if (i & (S)) continue;                                                                 \
+            VEC x = r[i], y = r[i + (S)];                                                          \
+            r[i] = __builtin_shuffle(x, y, lo);                                                    \
+            r[i + (S)] = __builtin_shuffle(x, y, hi);                                              \
+        }                                                                                          \
+    } while (0)
+
+/* In-register transpose of a VL x VL block (Eklundh's recursive block swap, log2(VL) stages of
+ * two-vector shuffles), so the transposing packs move whole vectors instead of scalars. */
+FBP_INLINE void LFN(transpose_block)(VEC r[VLN]) {
+#if VLN >= 16
+    TRANSPOSE_STAGE(r, 8);
+#endif
+#if VLN >= 8
+    TRANSPOSE_STAGE(r, 4);
+#endif
+#if VLN >= 4
+    TRANSPOSE_STAGE(r, 2);
+#endif
+    TRANSPOSE_STAGE(r, 1);
+}
+
 /* Pack rows [i0, i0 + MR) x cols [0, kc) of A' into an MR-interleaved sliver, zero-padded. */
 static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, int64_t cs,
                                int64_t rows, int64_t kc) {
     if (cs == 1 && rows == MR) {
+        int64_t p0 = 0;
+        if (MR <= VL) { /* rows are contiguous: transpose VL x VL blocks of them */
+            for (; p0 + VL <= kc; p0 += VL) {
+                VEC r[VLN];
+                for (int64_t i = 0; i < VL; i++)
+                    r[i] = i < MR ? V_(vload)(a + i * rs + p0) : V_(vbcast)(0);
+                LFN(transpose_block)(r);
+                /* r[q] holds the MR values of column p0 + q (then padding). A full-vector store
+                 * spills padding into the next column's slots, which the next store rewrites;
+                 * the sliver's last column is stored exactly. */
+                for (int64_t q = 0; q < VL; q++) {
+                    if (p0 + q + 1 < kc && MR < VL)
+                        V_(vstore)(dst + (p0 + q) * MR, r[q]);
+                    else
+                        V_(vstore_part)(dst + (p0 + q) * MR, r[q], MR);
+                }
+            }
+        }
         for (int64_t r = 0; r < MR; r++) {
             const REAL *src = a + r * rs;
-            for (int64_t p = 0; p < kc; p++) dst[p * MR + r] = src[p];
+            for (int64_t p = p0; p < kc; p++) dst[p * MR + r] = src[p];
         }
         return;
     }
@@ -124,13 +172,27 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
         for (int64_t p = 0; p < kc; p++) memcpy(dst + p * NR, b + p * rs, NR * sizeof(REAL));
         return;
     }
-    if (rs == 1) { /* B' is a transposed row-major matrix: read each column contiguously */
+    if (rs == 1) { /* B' is a transposed row-major matrix: transpose VL x VL blocks */
+        int64_t p0 = 0;
+        if (cols == NR) {
+            for (; p0 + VL <= kc; p0 += VL) {
+                for (int64_t v = 0; v < NV; v++) {
+                    VEC r[VLN];
+                    for (int64_t i = 0; i < VL; i++) r[i] = V_(vload)(b + (v * VL + i) * cs + p0);
+                    LFN(transpose_block)(r);
+                    for (int64_t q = 0; q < VL; q++) V_(vstore)(dst + (p0 + q) * NR + v * VL, r[q]);
+                }
+            }
+        }
         for (int64_t j = 0; j < cols; j++) {
             const REAL *src = b + j * cs;
-            for (int64_t p = 0; p < kc; p++) dst[p * NR + j] = src[p];
+            for (int64_t p = p0; p < kc; p++) dst[p * NR + j] = src[p];
         }
-        for (int64_t p = 0; p < kc; p++)
+        for (int64_t p = p0; p < kc; p++)
             for (int64_t j = cols; j < NR; j++) dst[p * NR + j] = 0;
+        if (p0 > 0)
+            for (int64_t p = 0; p < p0; p++)
+                for (int64_t j = cols; j < NR; j++) dst[p * NR + j] = 0;
         return;
     }
     for (int64_t p = 0; p < kc; p++) {
@@ -210,18 +272,27 @@ static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *
     }
 }
 
+/* K split into equal blocks of at most KC (rounded to 8): k = 784 becomes 4 x 196, not
+ * 3 x 256 + 16, whose last thin block would pay a full C-tile load/store for little work. */
+static inline int64_t LFN(balanced_kc)(int64_t k) {
+    const int64_t blocks = (k + KC - 1) / KC;
+    const int64_t kc = ((k + blocks - 1) / blocks + 7) / 8 * 8;
+    return kc < KC ? kc : KC;
+}
+
 /* One thread's share of the packed GEMM; `team` threads run it together (barriers inside). */
 static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, const REAL *b,
                                   const REAL *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a,
                                   int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha,
                                   REAL beta, fbp_activation act, REAL *packed_b, REAL *packed_a) {
+    const int64_t kc_step = LFN(balanced_kc)(k);
     {
         VEC acc[MR][NV];
         for (int64_t jc = 0; jc < n; jc += NC) {
             const int64_t nc = min_i64(NC, n - jc);
             const int64_t n_bs = (nc + NR - 1) / NR; /* B slivers in this panel */
-            for (int64_t pc = 0; pc < k; pc += KC) {
-                const int64_t kc = min_i64(KC, k - pc);
+            for (int64_t pc = 0; pc < k; pc += kc_step) {
+                const int64_t kc = min_i64(kc_step, k - pc);
                 const int first = pc == 0, last = pc + kc == k;
                 int64_t lo, hi;
                 fbp_split_range(n_bs, team, tid, &lo, &hi);
@@ -300,7 +371,7 @@ fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, in
         LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act);
         return FBP_OK;
     }
-    const int64_t kc_max = min_i64(KC, k);
+    const int64_t kc_max = min_i64(LFN(balanced_kc)(k), k);
     const size_t b_bytes =
         (size_t)round_up(kc_max * round_up(min_i64(NC, n), NR) * (int64_t)sizeof(REAL), FBP_ALIGN);
     const size_t a_bytes =
@@ -314,6 +385,10 @@ fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, in
     return FBP_OK;
 }
 
+#undef FBP_LANES
+#undef MASK_LO
+#undef MASK_HI
+#undef TRANSPOSE_STAGE
 #undef MR
 #undef NV
 #undef NR

@@ -21,12 +21,28 @@
 #undef IVEC
 #undef VL
 #undef V_
+#undef VLN
 #if defined(FBP_DTYPE_F64)
+/* lanes as a literal token, for token pasting */
+#if FBP_VBYTES == 64
+#define VLN 8
+#elif FBP_VBYTES == 32
+#define VLN 4
+#else
+#define VLN 2
+#endif
 #define REAL double
 #define SFX f64
 #define VEC vf64
 #define IVEC vi64
 #else
+#if FBP_VBYTES == 64
+#define VLN 16
+#elif FBP_VBYTES == 32
+#define VLN 8
+#else
+#define VLN 4
+#endif
 #define REAL float
 #define SFX f32
 #define VEC vf32

@@ -170,4 +170,11 @@ FBP_INLINE vf64 vtanh_f64(vf64 x) {
 FBP_INLINE vf32 vrelu_f32(vf32 x) { return vselect_f32(x <= 0, vbcast_f32(0), x); }
 FBP_INLINE vf64 vrelu_f64(vf64 x) { return vselect_f64(x <= 0, vbcast_f64(0), x); }
 
+/* Lane lists for building constant shuffle masks: FBP_LANES_8(F, S) = F(0, S), ..., F(7, S). */
+#define FBP_LANES_2(F, S) F(0, S), F(1, S)
+#define FBP_LANES_4(F, S) FBP_LANES_2(F, S), F(2, S), F(3, S)
+#define FBP_LANES_8(F, S) FBP_LANES_4(F, S), F(4, S), F(5, S), F(6, S), F(7, S)
+#define FBP_LANES_16(F, S)                                                                         \
+    FBP_LANES_8(F, S), F(8, S), F(9, S), F(10, S), F(11, S), F(12, S), F(13, S), F(14, S), F(15, S)
+
 #endif /* FASTBP_SIMD_H */
