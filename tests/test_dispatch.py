@@ -427,3 +427,21 @@ def test_generic_objects_have_no_avx():
         assert gemm_objects
         code = "\n".join(insn for obj in gemm_objects for _, _, insn in objdump(obj))
         assert "%ymm" in code and "vfmadd" in code
+
+
+def test_thread_limit_restores_the_exact_setting() -> None:
+    """thread_limit puts back a pinned count, or "follow OpenMP", whichever was in force."""
+    fastbp.set_num_threads(None)
+    default = fastbp.get_num_threads()
+    with fastbp.thread_limit(1):
+        assert fastbp.get_num_threads() == 1
+    assert fastbp._config._requested is None and fastbp.get_num_threads() == default
+    fastbp.set_num_threads(default)  # pinned to the same number: must come back pinned
+    try:
+        with fastbp.thread_limit(1):
+            assert fastbp.get_num_threads() == 1
+        assert fastbp._config._requested == default
+        with fastbp.thread_limit(None):
+            assert fastbp._config._requested == default
+    finally:
+        fastbp.set_num_threads(None)

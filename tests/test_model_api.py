@@ -821,3 +821,16 @@ def test_standalone_layers_outside_a_model():
     )
     with pytest.raises(ValueError, match=re.escape("reshape(1, -1)")):
         Linear(3, 2)(np.ones(3, np.float32))
+
+
+def test_seeded_models_do_not_advance_the_global_generator() -> None:
+    """MLP(seed=...) draws nothing from fastbp's global generator (manual_seed users keep
+    their stream), while an unseeded model does."""
+    fastbp.manual_seed(123)
+    expected = fastbp.Linear(3, 2).weight.data.copy()
+    fastbp.manual_seed(123)
+    fastbp.MLP([4, 3, 2], seed=7)
+    assert np.array_equal(fastbp.Linear(3, 2).weight.data, expected)
+    fastbp.manual_seed(123)
+    fastbp.Sequential(fastbp.Linear(4, 3, rng=np.random.default_rng(0)))
+    assert not np.array_equal(fastbp.Linear(3, 2).weight.data, expected)

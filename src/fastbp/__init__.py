@@ -17,6 +17,7 @@ from ._config import (
     get_num_threads,
     set_num_threads,
     show_config,
+    thread_limit,
 )
 
 _select_isa_from_environment()
@@ -27,6 +28,7 @@ from . import ops, optim  # noqa: E402
 from ._core import NonFiniteLossError  # noqa: E402
 from ._model import MLP, History, Sequential  # noqa: E402
 from ._random import manual_seed  # noqa: E402
+from .estimators import MLPClassifier, MLPRegressor, NotFittedError  # noqa: E402
 from .io import load, save  # noqa: E402
 from .losses import CrossEntropyLoss, MSELoss  # noqa: E402
 from .nn import (  # noqa: E402
@@ -51,9 +53,12 @@ __all__ = [
     "History",
     "Identity",
     "Linear",
+    "MLPClassifier",
+    "MLPRegressor",
     "MSELoss",
     "Module",
     "NonFiniteLossError",
+    "NotFittedError",
     "Parameter",
     "ReLU",
     "Sequential",
@@ -70,4 +75,5 @@ __all__ = [
     "save",
     "set_num_threads",
     "show_config",
+    "thread_limit",
 ]

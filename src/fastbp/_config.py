@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
+from collections.abc import Iterator
 
 from . import _core
 
-__all__ = ["available_isas", "get_config", "get_num_threads", "set_num_threads", "show_config"]
+__all__ = [
+    "available_isas",
+    "get_config",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
+    "thread_limit",
+]
+
+# What set_num_threads was last given (None: follow OpenMP), so thread_limit restores it exactly.
+_requested: int | None = None
 
 
 def get_num_threads() -> int:
@@ -25,14 +37,35 @@ def set_num_threads(n: int | None) -> None:
 
     Results are bitwise identical for every thread count.
     """
+    global _requested
     if n is None:
         _core.set_num_threads(0)
+        _requested = None
         return
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"set_num_threads: n must be a positive int or None, got {n!r}")
     if n <= 0:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
     _core.set_num_threads(n)
+    _requested = int(n)
+
+
+@contextlib.contextmanager
+def thread_limit(n: int | None) -> Iterator[None]:
+    """``with fastbp.thread_limit(n):`` uses n threads inside the block, then restores the
+    previous setting exactly (a pinned count, or following OpenMP). ``None`` changes nothing.
+
+    The setting is process-wide: blocks in concurrent threads share it.
+    """
+    if n is None:
+        yield
+        return
+    previous = _requested
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        set_num_threads(previous)
 
 
 def available_isas() -> list[str]:
@@ -75,4 +108,6 @@ def _select_isa_from_environment() -> None:
 def _after_fork_in_child() -> None:
     # libgomp's thread pool does not survive fork: a child's first parallel region would hang.
     # One thread in the child is always safe; the user may raise it again.
+    global _requested
     _core.set_num_threads(1)
+    _requested = 1

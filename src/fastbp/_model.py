@@ -70,7 +70,7 @@ class Sequential(Module):
     belongs to at most one model, since its parameters become views into the model's buffer.
     """
 
-    def __init__(self, *layers: Module) -> None:
+    def __init__(self, *layers: Module, seed: int | None = None) -> None:
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         for i, layer in enumerate(layers):
@@ -96,7 +96,8 @@ class Sequential(Module):
             for p in self.parameters():  # a failed model must not keep its layers
                 p.owner = None
             raise
-        self._plan.set_seed(int(default_generator().integers(2**63)))
+        # Dropout masks: from `seed`, else one draw from fastbp's global generator.
+        self.seed(seed if seed is not None else int(default_generator().integers(2**63)))
         self._busy = False
         self._fit_optimizer = None
         self._last_batch: int | None = None
@@ -524,13 +525,15 @@ class Sequential(Module):
         history = History()
         self._last_batch = None  # fit overwrites the activations a step-API backward would use
         order = np.arange(n, dtype=np.int64)
+        chunk = 1  # batches per call into C; grows while calls are short, kept across epochs
         n_batches = math.ceil(n / batch_size)
         self.train()
         for epoch in range(epochs):
             t0 = time.perf_counter()
             if shuffle:
                 _core.shuffle(order, derive_seed(base_seed, 0, epoch))
-            loss_sum, rows_done, skipped = self._run_epoch(
+            loss_sum, rows_done, skipped, chunk = self._run_epoch(
+                chunk,
                 Xa,
                 Ya,
                 order,
@@ -594,6 +597,7 @@ class Sequential(Module):
 
     def _run_epoch(
         self,
+        chunk: int,
         Xa,
         Ya,
         order,
@@ -605,11 +609,11 @@ class Sequential(Module):
         epoch,
         callbacks,
         stop_on_nonfinite,
-    ) -> tuple[float, int, int]:
+    ) -> tuple[float, int, int, int]:
         n = Xa.shape[0]
         batch_hooks = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
         loss_sum, rows_done, skipped = 0.0, 0, 0
-        first, chunk = 0, 1
+        first = 0
         while first < n_batches:
             count = min(chunk, n_batches - first)
             t0 = time.perf_counter()
@@ -639,7 +643,7 @@ class Sequential(Module):
             # callbacks are promised every batch, so with them the chunk stays one batch.
             if not batch_hooks and time.perf_counter() - t0 < _CHUNK_SECONDS:
                 chunk *= 2
-        return loss_sum, rows_done, skipped
+        return loss_sum, rows_done, skipped, chunk
 
     def predict(self, X: object, batch_size: int = 1024) -> np.ndarray:
         """Outputs for X in eval mode (dropout off, BatchNorm's running statistics), batch by batch."""
@@ -715,10 +719,7 @@ def MLP(
                 layers.append(Dropout(dropout))
     if output_activation is not None:
         layers.append(acts[output_activation.lower()]())
-    model = Sequential(*layers)
-    if seed is not None:
-        model.seed(derive_seed(int(seed), 2))
-    return model
+    return Sequential(*layers, seed=None if seed is None else derive_seed(int(seed), 2))
 
 
 def _nonnegative_int(value: object, name: str) -> int:
