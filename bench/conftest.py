@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,10 +20,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import fastbp
-
-#: Share of the machine's CPU time used by *other* processes (or stolen by the hypervisor)
-#: above which a benchmark is reported as disturbed.
-DISTURBED_FOREIGN_FRAC = 0.10
+from fastbp.bench.machine import DISTURBED_FOREIGN_FRAC, cpu_load, cpu_sample
 
 _RESULTS = pytest.StashKey[list]()
 _SESSION_CPU = pytest.StashKey[object]()
@@ -56,60 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_THREAD_INFO] = {}
 
 
-# ---- CPU load from /proc/stat --------------------------------------------------------------------
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-@dataclass(frozen=True)
-class CpuSample:
-    """Cumulative CPU time counters, all in clock ticks (``USER_HZ``)."""
-
-    total: int  # all CPUs, every state (guest time is already inside user)
-    idle: int  # idle + iowait
-    steal: int  # time the hypervisor gave our virtual CPUs to someone else
-    own: float  # user + system time of this process, all its threads
-
-
-def cpu_sample() -> CpuSample | None:
-    """Read the aggregate ``cpu`` line of /proc/stat and this process's CPU time (None if n/a)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice]
-    fields += [0] * (8 - len(fields))
-    times = os.times()
-    return CpuSample(
-        total=sum(fields[:8]),
-        idle=fields[3] + fields[4],
-        steal=fields[7],
-        own=(times.user + times.system) * _CLK_TCK,
-    )
-
-
-def cpu_load(before: CpuSample | None, after: CpuSample | None) -> dict[str, float | None]:
-    """Fractions of the machine's CPU time between two samples.
-
-    ``cpu_busy_frac``: busy (not idle) time of all CPUs, this process included.
-    ``foreign_busy_frac``: busy time *not* spent by this process (other processes, plus steal),
-    the number that says whether a run was disturbed. ``steal_frac``: stolen by the hypervisor.
-    All are None when /proc/stat is unreadable or the interval is under one clock tick.
-    """
-    keys = ("cpu_busy_frac", "foreign_busy_frac", "steal_frac", "load_window_s")
-    if before is None or after is None or after.total <= before.total:
-        return dict.fromkeys(keys)
-    total = after.total - before.total
-    busy = total - (after.idle - before.idle)
-    own = after.own - before.own
-    ncpu = os.cpu_count() or 1
-    return {
-        "cpu_busy_frac": round(busy / total, 3),
-        "foreign_busy_frac": round(min(max(busy - own, 0.0) / total, 1.0), 3),
-        "steal_frac": round((after.steal - before.steal) / total, 3),
-        "load_window_s": round(total / ncpu / _CLK_TCK, 2),
-    }
+# ---- CPU load: /proc/stat, shared with the report runner (fastbp.bench.machine) ----------------
 
 
 # ---- threads -------------------------------------------------------------------------------------
@@ -170,6 +112,9 @@ def run_benchmark(benchmark, bench_threads: int, request: pytest.FixtureRequest)
     less); an int runs ``benchmark.pedantic`` with that many rounds of one call each after one
     warm-up round (for the big GEMMs, so the suite stays short). ``flops`` / ``nbytes`` are the
     work of one call and give GFLOP/s / GB/s from the median time (``*_best`` from the minimum).
+    ``setup`` (with ``rounds``): called untimed before every round, it returns the callable to
+    time (``fn`` is then ignored): the training workloads build a fresh model per round.
+    ``warmup_rounds`` (default 1) applies with ``rounds``.
     With ``--benchmark-disable`` the call runs once and no rates are recorded.
     """
     config = request.config
@@ -184,6 +129,8 @@ def run_benchmark(benchmark, bench_threads: int, request: pytest.FixtureRequest)
         flops: float | None = None,
         nbytes: float | None = None,
         rounds: int | None = None,
+        setup: Callable[[], Callable[[], object]] | None = None,
+        warmup_rounds: int = 1,
         **extra: Any,
     ) -> object:
         benchmark.group = group  # must be set before the first timed call
@@ -201,8 +148,18 @@ def run_benchmark(benchmark, bench_threads: int, request: pytest.FixtureRequest)
         before = cpu_sample()
         if rounds is None:
             result = benchmark(fn)
+        elif setup is not None:
+            result = benchmark.pedantic(
+                lambda call: call(),
+                setup=lambda: ((setup(),), {}),
+                rounds=rounds,
+                iterations=1,
+                warmup_rounds=warmup_rounds,
+            )
         else:
-            result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+            result = benchmark.pedantic(
+                fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds
+            )
         info.update(cpu_load(before, cpu_sample()))
         if benchmark.stats is not None:  # None with --benchmark-disable
             stats = benchmark.stats.stats
@@ -264,7 +221,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     tr = terminalreporter
     threads = config.getoption("--threads")
-    tr.write_sep("=", f"fastbp kernel benchmarks: medians, {threads} thread(s)")
+    tr.write_sep("=", f"fastbp benchmarks: medians, {threads} thread(s)")
     tr.write_line("ratio = contender median / fastbp median (> 1: fastbp is faster)")
     groups: dict[str, list[dict]] = {}
     for r in results:
