@@ -904,7 +904,8 @@ def test_concurrent_predict_during_fit_is_refused_or_harmless():
     else:
         assert np.array_equal(model._params, ref._params)
     assert np.isfinite(model._params).all()
-    assert not model._busy
+    assert model._lock.acquire(blocking=False)  # nothing left holding the model
+    model._lock.release()
     model.fit(X[:64], y[:64], loss="cross_entropy", epochs=1, batch_size=32, seed=1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -98,7 +99,7 @@ class Sequential(Module):
             raise
         # Dropout masks: from `seed`, else one draw from fastbp's global generator.
         self.seed(seed if seed is not None else int(default_generator().integers(2**63)))
-        self._busy = False
+        self._lock = threading.RLock()
         self._fit_optimizer = None
         self._last_batch: int | None = None
         self.training = True
@@ -360,17 +361,17 @@ class Sequential(Module):
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        # The plan's workspace holds one batch's activations: concurrent calls would mix them.
-        # Refuse clearly instead (the check-and-set is atomic under the GIL).
-        if self._busy:
+        """One call at a time per model: the plan's workspace holds one batch's activations, so
+        concurrent calls would mix them. Another thread is refused, not queued; the same thread
+        may re-enter (a fit callback may call predict between batches)."""
+        if not self._lock.acquire(blocking=False):
             raise RuntimeError(
                 "this model is already running a call in another thread; use one model per thread"
             )
-        self._busy = True
         try:
             yield
         finally:
-            self._busy = False
+            self._lock.release()
 
     # ---- step API ------------------------------------------------------------------------------
 
@@ -451,6 +452,8 @@ class Sequential(Module):
         """
         loss = resolve_loss(loss_fn)
         arr = self._check_input(x)
+        if not np.isfinite(arr).all():
+            raise ValueError("x contains NaN or infinity")
         self._check_batchnorm_batch(arr.shape[0], True)
         target = self._loss_target(loss, y, arr.shape[0])
         state = _flat_state(optimizer, self)
@@ -522,60 +525,62 @@ class Sequential(Module):
         if seed is not None:
             self.seed(derive_seed(base_seed, 1))
 
-        history = History()
-        self._last_batch = None  # fit overwrites the activations a step-API backward would use
-        order = np.arange(n, dtype=np.int64)
-        chunk = 1  # batches per call into C; grows while calls are short, kept across epochs
-        n_batches = math.ceil(n / batch_size)
-        self.train()
-        for epoch in range(epochs):
-            t0 = time.perf_counter()
-            if shuffle:
-                _core.shuffle(order, derive_seed(base_seed, 0, epoch))
-            loss_sum, rows_done, skipped, chunk = self._run_epoch(
-                chunk,
-                Xa,
-                Ya,
-                order,
-                batch_size,
-                n_batches,
-                loss_obj,
-                state,
-                optimizer,
-                epoch,
-                callbacks,
-                stop_on_nonfinite,
-            )
-            elapsed = time.perf_counter() - t0
-            logs = {
-                "loss": loss_sum / rows_done if rows_done else float("nan"),
-                "time": elapsed,
-                "samples_per_sec": rows_done / elapsed if elapsed > 0 else float("inf"),
-                "lr": float(optimizer.param_groups[0]["lr"]),
-            }
-            if skipped:
-                logs["skipped_batches"] = skipped
-            if val is not None:
-                logs.update(
-                    {
-                        f"val_{k}": v
-                        for k, v in self._evaluate(val[0], val[1], loss_obj, 1024).items()
-                    }
+        # The whole fit holds the model: another thread must not step it between chunks.
+        with self._exclusive():
+            history = History()
+            self._last_batch = None  # fit overwrites the activations a step-API backward would use
+            order = np.arange(n, dtype=np.int64)
+            chunk = 1  # batches per call into C; grows while calls are short, kept across epochs
+            n_batches = math.ceil(n / batch_size)
+            self.train()
+            for epoch in range(epochs):
+                t0 = time.perf_counter()
+                if shuffle:
+                    _core.shuffle(order, derive_seed(base_seed, 0, epoch))
+                loss_sum, rows_done, skipped, chunk = self._run_epoch(
+                    chunk,
+                    Xa,
+                    Ya,
+                    order,
+                    batch_size,
+                    n_batches,
+                    loss_obj,
+                    state,
+                    optimizer,
+                    epoch,
+                    callbacks,
+                    stop_on_nonfinite,
                 )
-            history._append(epoch, logs)
-            if verbose:
-                print(
-                    f"epoch {epoch + 1}/{epochs}: "
-                    + ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
-                )
-            for cb in callbacks:
-                if hasattr(cb, "on_epoch_end"):
-                    cb.on_epoch_end(epoch, logs)
-                elif callable(cb):
-                    cb(epoch, logs)
-            if lr_scheduler is not None:
-                lr_scheduler.step()
-        return history
+                elapsed = time.perf_counter() - t0
+                logs = {
+                    "loss": loss_sum / rows_done if rows_done else float("nan"),
+                    "time": elapsed,
+                    "samples_per_sec": rows_done / elapsed if elapsed > 0 else float("inf"),
+                    "lr": float(optimizer.param_groups[0]["lr"]),
+                }
+                if skipped:
+                    logs["skipped_batches"] = skipped
+                if val is not None:
+                    logs.update(
+                        {
+                            f"val_{k}": v
+                            for k, v in self._evaluate(val[0], val[1], loss_obj, 1024).items()
+                        }
+                    )
+                history._append(epoch, logs)
+                if verbose:
+                    print(
+                        f"epoch {epoch + 1}/{epochs}: "
+                        + ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
+                    )
+                for cb in callbacks:
+                    if hasattr(cb, "on_epoch_end"):
+                        cb.on_epoch_end(epoch, logs)
+                    elif callable(cb):
+                        cb(epoch, logs)
+                if lr_scheduler is not None:
+                    lr_scheduler.step()
+            return history
 
     def _fit_inputs(self, X: object, name: str) -> np.ndarray:
         arr = X if isinstance(X, np.ndarray) else np.asarray(X)
@@ -706,7 +711,9 @@ def MLP(
         raise ValueError(f"sizes must list at least an input and an output width, got {sizes!r}")
     sizes = [_positive_int(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
     for name, value in (("activation", activation), ("output_activation", output_activation)):
-        if value is not None and (not isinstance(value, str) or value.lower() not in acts):
+        if value is None and name == "output_activation":
+            continue
+        if not isinstance(value, str) or value.lower() not in acts:
             raise ValueError(f"{name} must be one of {sorted(acts)}, got {value!r}")
     dt = _check_dtype(dtype)
     rng = np.random.default_rng(seed) if seed is not None else None

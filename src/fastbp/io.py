@@ -118,6 +118,12 @@ def load(path: str | os.PathLike) -> Sequential:
         raise ValueError(f"{path}: the architecture is not a non-empty Sequential")
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"{path}: unsupported dtype {dtype}")
+    for key, tensor in tensors.items():
+        expected = np.int64 if key.endswith("num_batches_tracked") else dtype
+        if tensor.dtype != expected:
+            raise ValueError(
+                f"{path}: tensor {key} is {tensor.dtype}, the architecture says {np.dtype(expected)}"
+            )
     model = Sequential(*[_layer_from_spec(s, dtype, i) for i, s in enumerate(specs)])
     model.load_state_dict(tensors)
     return model

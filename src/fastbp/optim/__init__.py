@@ -31,6 +31,17 @@ def _hyper(value: object, name: str, low: float = 0.0) -> float:
     return value
 
 
+def _betas(betas: object) -> tuple[float, float]:
+    try:
+        beta1, beta2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
+    for i, b in enumerate((beta1, beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+    return beta1, beta2
+
+
 class Optimizer:
     """Base class: ``param_groups`` (one group), ``step()``, ``zero_grad()``, state dicts."""
 
@@ -71,16 +82,17 @@ class Optimizer:
     def _sync(self, state: _core.OptimizerState) -> None:
         """Push the (possibly scheduled) hyperparameters into the C record."""
         g = self.param_groups[0]
-        beta1, beta2 = g.get("betas", (0.9, 0.999))
+        # param_groups is user-editable (schedulers write lr): re-check what C will use.
+        beta1, beta2 = _betas(g.get("betas", (0.9, 0.999)))
         state.configure(
             _hyper(g["lr"], "lr"),
-            g.get("momentum", 0.0),
-            g.get("dampening", 0.0),
-            g.get("weight_decay", 0.0),
-            g.get("nesterov", False),
+            _hyper(g.get("momentum", 0.0), "momentum"),
+            _hyper(g.get("dampening", 0.0), "dampening", low=-math.inf),
+            _hyper(g.get("weight_decay", 0.0), "weight_decay"),
+            bool(g.get("nesterov", False)),
             beta1,
             beta2,
-            g.get("eps", 1e-8),
+            _hyper(g.get("eps", 1e-8), "eps"),
         )
 
     def zero_grad(self) -> None:
@@ -256,13 +268,7 @@ class Adam(Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         lr = _hyper(lr, "lr")
-        try:
-            beta1, beta2 = (float(b) for b in betas)
-        except (TypeError, ValueError):
-            raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
-        for i, b in enumerate((beta1, beta2)):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+        beta1, beta2 = _betas(betas)
         eps = _hyper(eps, "eps")
         weight_decay = _hyper(weight_decay, "weight_decay")
         super().__init__(
