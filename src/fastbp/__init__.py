@@ -24,7 +24,7 @@ _select_isa_from_environment()
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_after_fork_in_child)
 
-from . import ops, optim  # noqa: E402
+from . import datasets, ops, optim  # noqa: E402
 from ._core import NonFiniteLossError  # noqa: E402
 from ._model import MLP, History, Sequential  # noqa: E402
 from ._random import manual_seed  # noqa: E402
@@ -66,6 +66,7 @@ __all__ = [
     "Tanh",
     "__version__",
     "available_isas",
+    "datasets",
     "get_config",
     "get_num_threads",
     "load",

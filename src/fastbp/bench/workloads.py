@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import itertools
 import math
 import os
-import pathlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +53,6 @@ __all__ = [
     "WrongResult",
     "check",
     "evaluate_loss",
-    "fashion_mnist_dir",
     "load_fashion_mnist",
     "make_problem",
     "prepare",
@@ -298,37 +295,18 @@ def scaled(workload: Workload, scale: str) -> Workload:
 # ---- data -------------------------------------------------------------------------------------
 
 
-def fashion_mnist_dir() -> pathlib.Path | None:
-    """The folder with Fashion-MNIST's gzipped IDX files: ``$FASHION_MNIST_DIR`` if set, else
-    Debian's ``/usr/share/datasets/fashion-mnist`` (package dataset-fashion-mnist); None if
-    neither holds ``train-images-idx3-ubyte.gz``."""
-    for folder in (os.environ.get("FASHION_MNIST_DIR", ""), FASHION_MNIST_DEFAULT_DIR):
-        if folder and (pathlib.Path(folder) / "train-images-idx3-ubyte.gz").is_file():
-            return pathlib.Path(folder)
-    return None
-
-
-def _read_idx(path: pathlib.Path) -> np.ndarray:
-    """An IDX file (gzip): 2 zero bytes, a type byte (0x08: uint8), ndim, big-endian dims."""
-    raw = gzip.decompress(path.read_bytes())
-    if raw[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path}: not a uint8 IDX file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    return data.reshape(dims)
-
-
 @functools.lru_cache(maxsize=1)
 def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, str] | None:
-    """Fashion-MNIST's training set: (images uint8 (60000, 784), labels uint8, folder), or None
-    when the files are not installed."""
-    folder = fashion_mnist_dir()
-    if folder is None:
+    """Fashion-MNIST's training set via :mod:`fastbp.datasets`: (images uint8 (60000, 784),
+    labels, where from), or None when the files are not installed."""
+    from fastbp import datasets
+
+    try:
+        images, labels = datasets.load_fashion_mnist(kind="train")
+    except FileNotFoundError:
         return None
-    images = _read_idx(folder / "train-images-idx3-ubyte.gz").reshape(-1, 784)
-    labels = _read_idx(folder / "train-labels-idx1-ubyte.gz")
-    return images, labels, str(folder)
+    where = os.environ.get("FASHION_MNIST_DIR") or FASHION_MNIST_DEFAULT_DIR
+    return images.reshape(images.shape[0], -1), labels, where
 
 
 @dataclass
