@@ -234,7 +234,14 @@ W3_SGD = Workload(
     n_samples=60_000,
     data="fashion",
     shuffled=True,
-    bounds=Bounds(param_max=1e-5, param_p99=1e-6, loss_rel=1e-6),
+    # A whole float32 epoch drifts: a few ReLU units near 0 switch differently under another
+    # summation order (torch's 2-thread MKL GEMM) and their weights then differ. Measured
+    # between torch at 2 threads and fastbp over 469 steps: max 5.6e-3, 99th percentile 5.1e-4,
+    # loss 1.4e-4 relative; these bounds say "the same training run" with ~10x margin. A wrong
+    # update (no momentum, wrong lr, missing bias gradient) is off by far more. The short CI run
+    # stays tight.
+    bounds=Bounds(param_max=5e-2, param_p99=5e-3, loss_rel=1e-2),
+    short_bounds=Bounds(param_max=1e-5, param_p99=1e-6, loss_rel=1e-6),
 )
 W3_ADAM = dataclasses.replace(
     W3_SGD,
