@@ -53,8 +53,10 @@ def _as_float_array(x: object, name: str, dtype: np.dtype | None = None) -> np.n
         raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
     if dtype is not None and arr.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype} (like the other arrays), got {arr.dtype}")
-    if arr.itemsize and any(s % arr.itemsize for s in arr.strides):
-        arr = np.ascontiguousarray(arr)  # strides that are not whole elements (record views)
+    # Strides that are not whole elements (fields of record arrays) cannot be passed as element
+    # strides: copy. A C-contiguous array never has them, so the common case skips the loop.
+    if not arr.flags.c_contiguous and any(s % arr.itemsize for s in arr.strides):
+        arr = np.ascontiguousarray(arr)
     return arr
 
 
@@ -107,6 +109,8 @@ def _check_no_overlap(out: np.ndarray, **inputs: np.ndarray | None) -> None:
 
 
 def _scalar(value: object, name: str, *, low: float | None = None) -> float:
+    if type(value) is float and math.isfinite(value) and (low is None or value >= low):
+        return value  # the common case, checked without the isinstance chain
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
