@@ -290,9 +290,11 @@ class Sequential(Module):
         return self
 
     def zero_grad(self) -> None:
+        """Set all gradients to zero: one memset of the flat gradient buffer."""
         self._grads.fill(0)
 
     def num_parameters(self) -> int:
+        """Total number of trainable values."""
         return sum(p.data.size for p in self.parameters())
 
     def load_state_dict(self, state_dict: Mapping[str, object], strict: bool = True) -> None:

@@ -99,9 +99,11 @@ class Parameter:
         return self.data.dtype
 
     def numel(self) -> int:
+        """Number of elements."""
         return self.data.size
 
     def zero_grad(self) -> None:
+        """Set the gradient to zero, in place."""
         self._grad.fill(0)
 
     def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
@@ -117,29 +119,35 @@ class Module:
     training: bool = True
 
     def parameters(self) -> Iterator[Parameter]:
+        """The trainable Parameters, in torch's order."""
         for _, p in self.named_parameters():
             yield p
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """(name, Parameter) pairs with torch's names, e.g. ``'0.weight'``."""
         for name in self._param_names():
             p = getattr(self, name)
             if p is not None:
                 yield prefix + name, p
 
     def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) pairs of non-trained state (BatchNorm's running statistics)."""
         return iter(())
 
     def _param_names(self) -> tuple[str, ...]:
         return ()
 
     def train(self, mode: bool = True) -> Module:
+        """Training mode (dropout active, batch statistics); returns self."""
         self.training = bool(mode)
         return self
 
     def eval(self) -> Module:
+        """Evaluation mode (dropout off, running statistics); returns self."""
         return self.train(False)
 
     def zero_grad(self) -> None:
+        """Set every parameter's gradient to zero."""
         for p in self.parameters():
             p.zero_grad()
 
@@ -153,6 +161,7 @@ class Module:
         return self.forward(x)
 
     def forward(self, x: object) -> np.ndarray:
+        """The layer's output for a (batch, features) input."""
         raise NotImplementedError
 
     def _spec(self) -> dict[str, object]:
@@ -160,6 +169,7 @@ class Module:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
+        """The constructor arguments shown in ``repr``."""
         return ""
 
     def __repr__(self) -> str:

@@ -96,6 +96,7 @@ class Optimizer:
         )
 
     def zero_grad(self) -> None:
+        """Set the gradients of this optimizer's parameters to zero."""
         if self._model is not None:
             self._model.zero_grad()
         else:
@@ -125,6 +126,7 @@ class Optimizer:
         ]
 
     def state_dict(self) -> dict[str, object]:
+        """The optimizer's state in torch's layout: ``{'state': {i: {...}}, 'param_groups': [...]}``."""
         groups = [
             {k: v for k, v in g.items() if k != "params"}
             | {"params": list(range(len(self.params)))}
@@ -133,6 +135,7 @@ class Optimizer:
         return {"state": self._state_arrays(), "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
+        """Restore state saved by :meth:`state_dict` (arrays or torch tensors)."""
         try:
             groups = state_dict["param_groups"]
             state = state_dict["state"]

@@ -21,14 +21,17 @@ class LRScheduler:
         self.last_epoch = 0
 
     def get_lr(self) -> list[float]:
+        """The learning rate of each parameter group at ``last_epoch``."""
         raise NotImplementedError
 
     def step(self) -> None:
+        """Advance one epoch and write the new learning rate into the optimizer."""
         self.last_epoch += 1
         for g, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             g["lr"] = lr
 
     def get_last_lr(self) -> list[float]:
+        """The learning rates currently set in the optimizer."""
         return [g["lr"] for g in self.optimizer.param_groups]
 
 
