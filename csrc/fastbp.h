@@ -162,6 +162,14 @@ fbp_status fbp_plan_update(fbp_plan *plan, fbp_optimizer *opt);
 /* zero_grad, forward, loss, backward, update in one call. */
 fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, const void *target,
                                int64_t batch, fbp_loss loss_kind, fbp_optimizer *opt);
+/* zero_grad, forward (training), loss and backward, no update: grads = grad_scale * the
+ * gradient of the mean loss over these rows, *loss that mean loss. row_offset places the rows in a
+ * larger global batch (dropout masks are drawn per global element, so shards of a batch draw what
+ * the whole batch would). batch 0 (an empty shard) zeroes grads and keeps the dropout stream in
+ * step. A non-finite loss returns FBP_ERR_NONFINITE with *loss set and grads zero. */
+fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x,
+                                      const void *target, int64_t batch, int64_t row_offset,
+                                      fbp_loss loss_kind, double grad_scale);
 /* Batches [first, first + count) of an epoch over rows order[...] of X (n, in) and targets Y
  * ((n, out) values, or n int64 labels): gather, train_step. loss_sum += loss * rows of each
  * batch. Stops at the first non-finite loss, reporting its batch in *bad_batch (else -1). */

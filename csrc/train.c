@@ -34,6 +34,7 @@ struct fbp_plan {
     int64_t last_batch;   /* rows of the last forward; -1 = none */
     int last_training;
     uint64_t seed, dropout_calls;
+    int64_t row_offset; /* the batch's first row within a sharded global batch (dropout masks) */
 };
 
 static size_t dtype_size(fbp_dtype dtype) {
@@ -263,6 +264,27 @@ fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, cons
     return DISPATCH(train_step_public)(plan, loss, x, target, batch, loss_kind, opt);
 }
 
+fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x,
+                                      const void *target, int64_t batch, int64_t row_offset,
+                                      fbp_loss loss_kind, double grad_scale) {
+    if (!plan || !loss || batch < 0 || row_offset < 0 || !isfinite(grad_scale) || !plan->params ||
+        !plan->grads || (batch > 0 && (!x || !target)))
+        return FBP_ERR_INVALID;
+    if (loss_kind != FBP_LOSS_MSE && loss_kind != FBP_LOSS_MSE_SUM &&
+        loss_kind != FBP_LOSS_CROSS_ENTROPY)
+        return FBP_ERR_INVALID;
+    if (batch == 0) { /* an empty shard: no gradient, and the dropout stream kept in step */
+        memset(plan->grads, 0, (size_t)plan->n_params * dtype_size(plan->dtype));
+        for (int32_t i = 0; i < plan->n_ops; i++)
+            if (plan->ops[i].kind == FBP_OP_DROPOUT && plan->ops[i].p != 0) plan->dropout_calls++;
+        plan->last_batch = -1;
+        *loss = 0;
+        return FBP_OK;
+    }
+    return DISPATCH(compute_gradients_public)(plan, loss, x, target, batch, row_offset, loss_kind,
+                                              grad_scale);
+}
+
 fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
                                   const void *X, const void *Y, int64_t n, const int64_t *order,
                                   int64_t batch_size, int64_t first, int64_t count,
@@ -396,7 +418,10 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
             {
                 REAL *mask = plan->masks[i];
                 const REAL keep_scale = (REAL)(1 / (1 - op->p));
-                const uint64_t stream = splitmix64(plan->seed ^ splitmix64(++plan->dropout_calls));
+                /* drawn by the element's index in the global batch: a shard draws the mask the
+                 * whole batch would have drawn for its rows */
+                const uint64_t stream = splitmix64(plan->seed ^ splitmix64(++plan->dropout_calls)) +
+                                        (uint64_t)(plan->row_offset * out);
                 for (int64_t e = 0; e < size; e++) {
                     mask[e] = uniform01(splitmix64(stream + (uint64_t)e)) >= op->p ? keep_scale : 0;
                     y[e] = x[e] * mask[e];
@@ -503,15 +528,28 @@ static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
     return st;
 }
 
-/* One step on the batch already in plan->input and plan->target. */
-static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
-                            fbp_optimizer *opt) {
+/* zero_grad, forward, loss, backward on the batch already in plan->input and plan->target:
+ * grads = grad_scale * d(mean loss)/d(params). A non-finite loss stops before backward (grads
+ * stay zero) with FBP_ERR_NONFINITE. */
+static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
+                                         double grad_scale) {
     memset(plan->grads, 0, (size_t)plan->n_params * sizeof(REAL));
     fbp_status st = TFN(forward)(plan, rows, 1);
     if (st == FBP_OK) st = TFN(loss)(plan, loss, plan->grad_a, plan->target, rows, kind);
     if (st != FBP_OK) return st;
     if (!isfinite(*loss)) return FBP_ERR_NONFINITE; /* before the update: weights stay valid */
-    st = TFN(backward)(plan, NULL, rows);
+    if (grad_scale != 1) { /* backward is linear in dL/dout: scale the seed, not every grad */
+        REAL *g = plan->grad_a;
+        const REAL s = (REAL)grad_scale;
+        for (int64_t e = 0; e < rows * plan->out_features; e++) g[e] *= s;
+    }
+    return TFN(backward)(plan, NULL, rows);
+}
+
+/* One step on the batch already in plan->input and plan->target. */
+static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
+                            fbp_optimizer *opt) {
+    fbp_status st = TFN(compute_gradients)(plan, loss, rows, kind, 1.0);
     if (st == FBP_OK) st = TFN(update)(plan, opt);
     return st;
 }
@@ -556,6 +594,25 @@ static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const voi
     memcpy(plan->input, x, (size_t)(rows * plan->in_features) * sizeof(REAL));
     memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));
     return TFN(step)(plan, loss, rows, kind, opt);
+}
+
+static fbp_status TFN(compute_gradients_public)(fbp_plan *plan, double *loss, const void *x,
+                                                const void *target, int64_t rows,
+                                                int64_t row_offset, fbp_loss kind,
+                                                double grad_scale) {
+    fbp_status st = reserve(plan, rows);
+    if (st != FBP_OK) return st;
+    if (kind == FBP_LOSS_CROSS_ENTROPY) {
+        const int64_t *labels = target;
+        for (int64_t r = 0; r < rows; r++)
+            if (labels[r] < 0 || labels[r] >= plan->out_features) return FBP_ERR_INVALID;
+    }
+    memcpy(plan->input, x, (size_t)(rows * plan->in_features) * sizeof(REAL));
+    memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));
+    plan->row_offset = row_offset;
+    st = TFN(compute_gradients)(plan, loss, rows, kind, grad_scale);
+    plan->row_offset = 0;
+    return st;
 }
 
 static fbp_status TFN(train_batches)(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,

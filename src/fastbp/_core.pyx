@@ -84,6 +84,7 @@ cdef extern from "fastbp.h" nogil:
     fbp_status fbp_plan_loss(fbp_plan *plan, double *loss, void *dout, const void *target, int64_t batch, fbp_loss loss_kind)
     fbp_status fbp_plan_update(fbp_plan *plan, fbp_optimizer *opt)
     fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, fbp_loss loss_kind, fbp_optimizer *opt)
+    fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, int64_t row_offset, fbp_loss loss_kind, double grad_scale)
     fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch, const void *X, const void *Y, int64_t n, const int64_t *order, int64_t batch_size, int64_t first, int64_t count, fbp_loss loss_kind, fbp_optimizer *opt)
     fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X, const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind)
     void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed)
@@ -444,6 +445,27 @@ cdef class Plan:
             status = fbp_plan_train_step(self.plan, &value, xp, tp, rows, <fbp_loss>loss_kind,
                                          &opt.opt)
         check(status, "train_step")
+        return value
+
+    def compute_gradients(self, x, target, int loss_kind, double grad_scale=1.0,
+                          int64_t row_offset=0):
+        """zero_grad, forward, loss, backward (no update): grads = grad_scale * d(mean loss).
+
+        Returns the local mean loss. A non-finite loss is returned, not raised (the gradients are
+        then zero), so that a distributed caller can agree with its peers before stopping.
+        ``row_offset`` is the rows' place in the global batch (dropout masks); 0 rows is allowed.
+        """
+        cdef int64_t rows = x.shape[0]
+        cdef const void *xp = data_ptr(x) if rows > 0 else NULL
+        cdef const void *tp = data_ptr(target) if rows > 0 else NULL
+        cdef double value = 0
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_compute_gradients(self.plan, &value, xp, tp, rows, row_offset,
+                                                <fbp_loss>loss_kind, grad_scale)
+        if status == FBP_ERR_NONFINITE:
+            return value
+        check(status, "compute_gradients")
         return value
 
     def train_batches(self, X, Y, order, int64_t batch_size, int64_t first, int64_t count,

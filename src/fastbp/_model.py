@@ -484,6 +484,8 @@ class Sequential(Module):
         lr_scheduler: object = None,
         verbose: int = 0,
         stop_on_nonfinite: bool = True,
+        comm: object = None,
+        deterministic: bool = False,
     ) -> History:
         """Train for ``epochs`` epochs; each epoch runs in C (shuffle, gather, forward, loss,
         backward, update) and returns to Python only to report progress.
@@ -496,6 +498,15 @@ class Sequential(Module):
         :class:`fastbp.NonFiniteLossError` naming the epoch and batch (weights are those of the
         last good step); with ``stop_on_nonfinite=False`` that batch is skipped instead.
         Returns a :class:`History`.
+
+        ``comm`` (an mpi4py communicator, e.g. ``MPI.COMM_WORLD``; every rank calls fit with the
+        same data) trains data-parallel: rank 0's weights and seed are broadcast, each rank takes
+        its share of every global ``batch_size`` batch, gradients are summed over the ranks
+        every step, and every rank applies the same update; rank 0 alone prints and calls the
+        callbacks. N ranks train what one process would, to rounding (BatchNorm1d is refused).
+        ``deterministic=True`` sums the gradients in rank order on rank 0 (gather, add,
+        broadcast) instead of MPI's Allreduce, so repeated runs are bitwise identical. See
+        :mod:`fastbp.distributed`.
         """
         from .optim import Adam
 
@@ -523,6 +534,28 @@ class Sequential(Module):
             Xv = self._fit_inputs(validation_data[0], "validation X")
             val = (Xv, self._loss_target(loss_obj, validation_data[1], Xv.shape[0], "validation y"))
         callbacks = list(callbacks or [])
+        if comm is not None:
+            from .distributed import fit_distributed
+
+            return fit_distributed(
+                self,
+                Xa,
+                Ya,
+                comm=comm,
+                deterministic=bool(deterministic),
+                loss_obj=loss_obj,
+                optimizer=optimizer,
+                state=state,
+                epochs=epochs,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                seed=seed,
+                val=val,
+                callbacks=callbacks,
+                lr_scheduler=lr_scheduler,
+                verbose=verbose,
+                stop_on_nonfinite=stop_on_nonfinite,
+            )
         base_seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**63)
         if seed is not None:
             self.seed(derive_seed(base_seed, 1))

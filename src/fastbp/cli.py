@@ -240,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print only the final 'test accuracy' line (errors still go to stderr)",
     )
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel training over MPI (mpi4py's COMM_WORLD): launch with "
+        "'mpirun -n N fastbp train --distributed ...'; --batch-size is the global batch, split "
+        "over the ranks; rank 0 alone prints and saves. Needs pip install 'fastbp[mpi]'",
+    )
 
     predict = sub.add_parser(
         "predict",
@@ -525,10 +532,24 @@ def _plot_curves(history: object, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _mpi_world() -> object:
+    """mpi4py's COMM_WORLD, or a CLIError naming the missing extra."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise CLIError(
+            f"--distributed needs mpi4py and an MPI library ({exc}): pip install 'fastbp[mpi]'"
+        ) from None
+    return MPI.COMM_WORLD
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import fastbp
 
-    say = (lambda *a, **k: None) if args.quiet else print
+    comm = _mpi_world() if args.distributed else None
+    rank0 = comm is None or comm.Get_rank() == 0
+    quiet = args.quiet or not rank0
+    say = (lambda *a, **k: None) if quiet else print
     _check_output_path(args.save, "--save")
     _check_output_path(args.plot, "--plot")
     if args.plot is not None:
@@ -574,9 +595,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         + (f" momentum {group['momentum']:g}" if group.get("momentum") else "")
         + (f" weight decay {group['weight_decay']:g}" if group.get("weight_decay") else "")
         + f", seed {args.seed}, {fastbp.get_num_threads()} threads ({fastbp.get_config()['isa']})"
+        + (f", distributed over {comm.Get_size()} ranks" if comm is not None else "")
     )
 
-    progress = _Progress(epochs, args.quiet)
+    progress = _Progress(epochs, quiet)
     t0 = time.perf_counter()
     try:
         history = model.fit(
@@ -589,6 +611,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             validation_data=(data.X_test, data.y_test),
             callbacks=[progress],
+            comm=comm,
         )
     finally:
         progress.close()
@@ -599,6 +622,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"trained in {elapsed:.2f} s ({epochs * n_train / elapsed:,.0f} samples/s overall, "
             "test evaluation included)"
         )
+    if not rank0:  # identical weights on every rank: rank 0 saves, plots and reports
+        return 0
     if args.save is not None:
         fastbp.save(model, args.save)
         say(f"saved model to {args.save}")
