@@ -586,33 +586,13 @@ class Sequential(Module):
                     callbacks,
                     stop_on_nonfinite,
                 )
-                elapsed = time.perf_counter() - t0
-                logs = {
-                    "loss": loss_sum / rows_done if rows_done else float("nan"),
-                    "time": elapsed,
-                    "samples_per_sec": rows_done / elapsed if elapsed > 0 else float("inf"),
-                    "lr": float(optimizer.param_groups[0]["lr"]),
-                }
-                if skipped:
-                    logs["skipped_batches"] = skipped
+                logs = _epoch_logs(
+                    loss_sum, rows_done, time.perf_counter() - t0, optimizer, skipped
+                )
                 if val is not None:
-                    logs.update(
-                        {
-                            f"val_{k}": v
-                            for k, v in self._evaluate(val[0], val[1], loss_obj, 1024).items()
-                        }
-                    )
+                    logs.update(self._validation_logs(val, loss_obj))
                 history._append(epoch, logs)
-                if verbose:
-                    print(
-                        f"epoch {epoch + 1}/{epochs}: "
-                        + ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
-                    )
-                for cb in callbacks:
-                    if hasattr(cb, "on_epoch_end"):
-                        cb.on_epoch_end(epoch, logs)
-                    elif callable(cb):
-                        cb(epoch, logs)
+                _report_epoch(epoch, epochs, logs, verbose, callbacks)
                 if lr_scheduler is not None:
                     lr_scheduler.step()
             return history
@@ -718,6 +698,12 @@ class Sequential(Module):
             _positive_int(batch_size, "batch_size"),
         )
 
+    def _validation_logs(
+        self, val: tuple[np.ndarray, np.ndarray], loss_obj: Loss
+    ) -> dict[str, float]:
+        """``val_loss`` (and ``val_accuracy``) of the validation pair, in eval mode."""
+        return {f"val_{k}": v for k, v in self._evaluate(val[0], val[1], loss_obj, 1024).items()}
+
     def _evaluate(
         self, Xa: np.ndarray, Ya: np.ndarray, loss_obj: Loss, batch_size: int
     ) -> dict[str, float]:
@@ -728,6 +714,38 @@ class Sequential(Module):
         if isinstance(loss_obj, CrossEntropyLoss):
             out["accuracy"] = correct / Xa.shape[0]
         return out
+
+
+def _epoch_logs(
+    loss_sum: float, rows_done: int, elapsed: float, optimizer: object, skipped: int
+) -> dict[str, float]:
+    """One epoch's History entry: mean loss over the rows trained (NaN if every batch was
+    skipped), time, samples/s, the learning rate, and the skipped-batch count when nonzero."""
+    logs = {
+        "loss": loss_sum / rows_done if rows_done else float("nan"),
+        "time": elapsed,
+        "samples_per_sec": rows_done / elapsed if elapsed > 0 else float("inf"),
+        "lr": float(optimizer.param_groups[0]["lr"]),
+    }
+    if skipped:
+        logs["skipped_batches"] = skipped
+    return logs
+
+
+def _report_epoch(
+    epoch: int, epochs: int, logs: Mapping[str, float], verbose: int, callbacks: Sequence[object]
+) -> None:
+    """The verbose line and the epoch-end callbacks."""
+    if verbose:
+        print(
+            f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()),
+            flush=True,
+        )
+    for cb in callbacks:
+        if hasattr(cb, "on_epoch_end"):
+            cb.on_epoch_end(epoch, logs)
+        elif callable(cb):
+            cb(epoch, logs)
 
 
 def MLP(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _core
+from ._model import _epoch_logs, _report_epoch
 from ._random import derive_seed
 from .losses import Loss
 
@@ -222,36 +223,13 @@ def fit_distributed(
                 for cb in batch_hooks:
                     running = loss_sum / rows_done if rows_done else float("nan")
                     cb.on_batch_end(b, {"epoch": epoch, "loss": running})
-            elapsed = time.perf_counter() - t0
-            logs = {
-                "loss": loss_sum / rows_done if rows_done else float("nan"),
-                "time": elapsed,
-                "samples_per_sec": rows_done / elapsed if elapsed > 0 else float("inf"),
-                "lr": float(optimizer.param_groups[0]["lr"]),
-            }
-            if skipped:
-                logs["skipped_batches"] = skipped
+            logs = _epoch_logs(loss_sum, rows_done, time.perf_counter() - t0, optimizer, skipped)
             if val is not None and reporting:  # identical weights: rank 0 evaluates for all
-                logs.update(
-                    {
-                        f"val_{k}": v
-                        for k, v in model._evaluate(val[0], val[1], loss_obj, 1024).items()
-                    }
-                )
+                logs.update(model._validation_logs(val, loss_obj))
             logs = comm.bcast(logs, root=0)
             history._append(epoch, logs)
             if reporting:
-                if verbose:
-                    print(
-                        f"epoch {epoch + 1}/{epochs}: "
-                        + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()),
-                        flush=True,
-                    )
-                for cb in callbacks:
-                    if hasattr(cb, "on_epoch_end"):
-                        cb.on_epoch_end(epoch, logs)
-                    elif callable(cb):
-                        cb(epoch, logs)
+                _report_epoch(epoch, epochs, logs, verbose, callbacks)
             if lr_scheduler is not None:
                 lr_scheduler.step()
     return history
