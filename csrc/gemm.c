@@ -248,32 +248,6 @@ static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *
                              int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                              int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act) {
     enum { ROWS = 4 };
-    if (n < VL) {
-        /* Narrower than one vector (tiny nets: widths 1, 2, 5): scalar dot products, K summed
-         * in order with the same FMAs as the vector path below (so the same bits), then one
-         * vector epilogue per row; building B vectors lane by lane through memory would stall
-         * on every p. */
-        for (int64_t i = 0; i < m; i++) {
-            REAL row[FBP_VBYTES / sizeof(REAL)] = {0};
-            for (int64_t j = 0; j < n; j++) {
-                REAL s = 0;
-                for (int64_t p = 0; p < k; p++)
-                    s += a[i * rs_a + p * cs_a] * b[p * rs_b + j * cs_b];
-                row[j] = s;
-            }
-            if (act == FBP_ACT_IDENTITY) { /* the epilogue's arithmetic, lane by lane */
-                for (int64_t j = 0; j < n; j++) {
-                    REAL x = row[j] * alpha;
-                    if (beta != 0) x += c[i * ldc + j] * beta;
-                    if (bias) x += bias[j];
-                    c[i * ldc + j] = x;
-                }
-            } else {
-                LFN(epilogue)(c + i * ldc, V_(vload)(row), n, bias, alpha, beta, 1, 1, act);
-            }
-        }
-        return;
-    }
     for (int64_t j0 = 0; j0 < n; j0 += VL) {
         int64_t cnt = min_i64(VL, n - j0);
         const REAL *bias_j = bias ? bias + j0 : NULL;
