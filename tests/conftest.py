@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,3 +66,58 @@ def dot_error_bound(abs_a: np.ndarray, abs_b: np.ndarray, k: int, dtype) -> np.n
     u = eps(dtype) / 2
     gamma = k * u / (1 - k * u) if k else 0.0
     return gamma * (abs_a @ abs_b) + np.finfo(np.float64).eps * (abs_a @ abs_b)
+
+
+# Prepended to scripts run in a fresh interpreter: an editable install would otherwise rebuild
+# the extension on import there (slow, and possibly a different binary from the parent's).
+CHILD_PRELUDE = (
+    "import sys\n"
+    "for finder in sys.meta_path:\n"
+    "    if hasattr(finder, 'rebuild_flag'):\n"
+    "        finder.rebuild_flag = False\n"
+)
+
+
+def os_threads_after(code: str) -> tuple[int, int]:
+    """(OS threads before, after) running `code` in a fresh interpreter with fastbp at 2
+    threads: libgomp keeps its workers, so a parallel region leaves one more thread behind."""
+    script = CHILD_PRELUDE + (
+        "import os, numpy as np, fastbp\nfrom fastbp import ops\nfastbp.set_num_threads(2)\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        f"{code}\n"
+        "print('THREADS', before, len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r"^THREADS (\d+) (\d+)$", proc.stdout, re.M)
+    assert match, proc.stdout[-3000:]
+    return int(match.group(1)), int(match.group(2))
+
+
+def torch_equivalent(model):
+    """The torch nn.Sequential with the same layer types and sizes (default initialisation)."""
+    from torch import nn as tnn  # lazily: the sanitizer stage runs without torch
+
+    from fastbp import BatchNorm1d, Dropout, Linear
+
+    layers = []
+    for layer in model:
+        if isinstance(layer, Linear):
+            layers.append(
+                tnn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            )
+        elif isinstance(layer, BatchNorm1d):
+            layers.append(
+                tnn.BatchNorm1d(
+                    layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine
+                )
+            )
+        elif isinstance(layer, Dropout):
+            layers.append(tnn.Dropout(layer.p))
+        else:
+            layers.append(getattr(tnn, type(layer).__name__)())
+    out = tnn.Sequential(*layers)
+    return out.double() if model.dtype == np.float64 else out

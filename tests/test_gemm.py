@@ -14,8 +14,6 @@ import itertools
 import math
 import os
 import re
-import subprocess
-import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +21,7 @@ import numpy as np
 import pytest
 
 from fastbp import ops
-from tests.conftest import dot_error_bound, eps, using_threads
+from tests.conftest import dot_error_bound, eps, os_threads_after, using_threads
 
 TRANS = list(itertools.product([False, True], repeat=2))
 ACTIVATIONS = ["identity", "sigmoid", "relu", "tanh"]
@@ -36,12 +34,6 @@ REF_ACT_ULPS = 4
 # Children import the build this test session already loaded: scikit-build-core's editable
 # finder would otherwise rebuild on import when csrc/ changed meanwhile (slow, and a different
 # binary from the one under test).
-CHILD_PRELUDE = (
-    "import sys\n"
-    "for finder in sys.meta_path:\n"
-    "    if hasattr(finder, 'rebuild_flag'):\n"
-    "        finder.rebuild_flag = False\n"
-)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -503,27 +495,6 @@ def test_threads_bitwise_identical(isa, dtype, shape):
     assert_within(
         results[1][0], f64(a_mat) @ f64(b_mat), product_bound(a_mat, b_mat, dtype), "2 threads"
     )
-
-
-def os_threads_after(code: str) -> tuple[int, int]:
-    """(OS threads before, after) running `code` in a fresh interpreter with fastbp at 2
-    threads. libgomp keeps its workers alive, so a parallel region leaves one more thread."""
-    script = CHILD_PRELUDE + (
-        "import os, numpy as np, fastbp\nfrom fastbp import ops\n"
-        "fastbp.set_num_threads(2)\n"
-        "before = len(os.listdir('/proc/self/task'))\n"
-        f"{code}\n"
-        "after = len(os.listdir('/proc/self/task'))\n"
-        "print('THREADS', before, after)\n"
-    )
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    match = re.search(r"^THREADS (\d+) (\d+)$", proc.stdout, re.M)
-    assert match, proc.stdout[-3000:]
-    return int(match.group(1)), int(match.group(2))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")

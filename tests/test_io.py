@@ -27,6 +27,7 @@ from fastbp import (
     Sigmoid,
     Tanh,
 )
+from tests.conftest import torch_equivalent
 
 
 def full_model(dtype=np.float32, seed=0) -> Sequential:
@@ -55,27 +56,6 @@ def trained(model: Sequential) -> Sequential:
     y = rng.integers(0, model.out_features, 64)
     model.fit(X, y, loss="cross_entropy", epochs=2, batch_size=16, seed=0)
     return model
-
-
-def torch_equivalent(model: Sequential) -> tnn.Sequential:
-    layers = []
-    for layer in model:
-        if isinstance(layer, Linear):
-            layers.append(
-                tnn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-            )
-        elif isinstance(layer, BatchNorm1d):
-            layers.append(
-                tnn.BatchNorm1d(
-                    layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine
-                )
-            )
-        elif isinstance(layer, Dropout):
-            layers.append(tnn.Dropout(layer.p))
-        else:
-            layers.append(getattr(tnn, type(layer).__name__)())
-    out = tnn.Sequential(*layers)
-    return out.double() if model.dtype == np.float64 else out
 
 
 @pytest.fixture

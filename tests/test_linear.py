@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -23,7 +21,7 @@ import pytest
 import torch
 
 from fastbp import ops
-from tests.conftest import dot_error_bound, eps, using_threads
+from tests.conftest import dot_error_bound, eps, os_threads_after, using_threads
 
 ACTIVATIONS = ["identity", "sigmoid", "relu", "tanh"]
 ACT_ULPS = {"identity": 0, "relu": 0, "sigmoid": 4, "tanh": 4}  # kernel: measured <= 2.4 ulp
@@ -459,33 +457,6 @@ def test_threads_bitwise_identical(isa, dtype, shape):
 # Children import the build this test session already loaded: scikit-build-core's editable
 # finder would otherwise rebuild on import when csrc/ changed meanwhile (slow, and a different
 # binary from the one under test).
-CHILD_PRELUDE = (
-    "import sys\n"
-    "for finder in sys.meta_path:\n"
-    "    if hasattr(finder, 'rebuild_flag'):\n"
-    "        finder.rebuild_flag = False\n"
-)
-
-
-def os_threads_after(code: str) -> tuple[int, int]:
-    """(OS threads before, after) running `code` in a fresh interpreter with fastbp at 2
-    threads: libgomp keeps its workers, so a parallel region leaves one more thread behind."""
-    script = CHILD_PRELUDE + (
-        "import os, numpy as np, fastbp\nfrom fastbp import ops\nfastbp.set_num_threads(2)\n"
-        "before = len(os.listdir('/proc/self/task'))\n"
-        f"{code}\n"
-        "print('THREADS', before, len(os.listdir('/proc/self/task')))\n"
-    )
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    match = re.search(r"^THREADS (\d+) (\d+)$", proc.stdout, re.M)
-    assert match, proc.stdout[-3000:]
-    return int(match.group(1)), int(match.group(2))
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
 def test_thread_sizes_really_use_two_threads():
     """The bitwise test means something only if these sizes run on 2 threads: each kernel, in

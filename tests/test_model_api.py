@@ -28,35 +28,10 @@ from fastbp import (
     Sigmoid,
     Tanh,
 )
-from tests.conftest import dot_error_bound
+from tests.conftest import dot_error_bound, torch_equivalent
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
-
-
-def torch_equivalent(model: Sequential) -> tnn.Sequential:
-    """The torch nn.Sequential with the same layer types and sizes (default initialisation)."""
-    layers = []
-    for layer in model:
-        if isinstance(layer, Linear):
-            layers.append(
-                tnn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-            )
-        elif isinstance(layer, BatchNorm1d):
-            layers.append(
-                tnn.BatchNorm1d(
-                    layer.num_features,
-                    eps=layer.eps,
-                    momentum=layer.momentum,
-                    affine=layer.affine,
-                )
-            )
-        elif isinstance(layer, Dropout):
-            layers.append(tnn.Dropout(layer.p))
-        else:
-            layers.append(getattr(tnn, type(layer).__name__)())
-    out = tnn.Sequential(*layers)
-    return out.double() if model.dtype == np.float64 else out
 
 
 def bn_model(dtype=np.float32, seed: int = 0) -> Sequential:
