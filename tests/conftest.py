@@ -121,3 +121,19 @@ def torch_equivalent(model):
             layers.append(getattr(tnn, type(layer).__name__)())
     out = tnn.Sequential(*layers)
     return out.double() if model.dtype == np.float64 else out
+
+
+def assert_within(got, ref, bound, what: str) -> None:
+    """Elementwise |got - ref| <= bound (compared in float64), naming the worst offender."""
+    got, ref = np.asarray(got), np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    if got.size == 0:
+        return
+    err = np.abs(got.astype(np.float64) - ref)
+    ok = err <= bound
+    if not ok.all():
+        idx = np.unravel_index(np.argmax(np.where(ok, -np.inf, err - bound)), err.shape)
+        raise AssertionError(
+            f"{what}: {np.count_nonzero(~ok)} of {err.size} outside the bound; worst at {idx}: "
+            f"got {got[idx]!r}, ref {ref[idx]!r}, |err| {err[idx]:.3e} > bound {bound[idx]:.3e}"
+        )

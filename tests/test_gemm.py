@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 
 from fastbp import ops
-from tests.conftest import dot_error_bound, eps, os_threads_after, using_threads
+from tests.conftest import (
+    assert_within,
+    dot_error_bound,
+    eps,
+    os_threads_after,
+    using_threads,
+)
 
 TRANS = list(itertools.product([False, True], repeat=2))
 ACTIVATIONS = ["identity", "sigmoid", "relu", "tanh"]
@@ -134,22 +140,6 @@ def act_bound(name: str, z: np.ndarray, pre_bound: np.ndarray, dtype) -> np.ndar
         tiny = float(np.finfo(dtype).smallest_subnormal)
         bound = bound + ACT_ULPS[name] * eps(dtype) * mag + 2 * tiny
     return bound
-
-
-def assert_within(got: np.ndarray, ref: np.ndarray, bound: np.ndarray, what: str) -> None:
-    """Elementwise |got - ref| <= bound, with the worst offender in the message."""
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
-    if got.size == 0:
-        return
-    err = np.abs(f64(got) - ref)
-    ok = err <= bound
-    if not ok.all():
-        idx = np.unravel_index(np.argmax(np.where(ok, -np.inf, err - bound)), err.shape)
-        raise AssertionError(
-            f"{what}: {np.count_nonzero(~ok)} of {err.size} elements outside the bound; "
-            f"worst at {idx}: got {got[idx]!r}, ref {ref[idx]!r}, |err| {err[idx]:.3e} > "
-            f"bound {bound[idx]:.3e}"
-        )
 
 
 def check_gemm(

@@ -21,7 +21,13 @@ import pytest
 import torch
 
 from fastbp import ops
-from tests.conftest import dot_error_bound, eps, os_threads_after, using_threads
+from tests.conftest import (
+    assert_within,
+    dot_error_bound,
+    eps,
+    os_threads_after,
+    using_threads,
+)
 
 ACTIVATIONS = ["identity", "sigmoid", "relu", "tanh"]
 ACT_ULPS = {"identity": 0, "relu": 0, "sigmoid": 4, "tanh": 4}  # kernel: measured <= 2.4 ulp
@@ -179,22 +185,6 @@ def backward_bounds(name, dy, x, w, y_used, y_ref, dtype):
         "dweight": (err_dz + bound_coefficient(batch, dtype) * mag).T @ abs_x,
         "dx": (err_dz + bound_coefficient(out_features, dtype) * mag) @ abs_w,
     }
-
-
-def assert_within(got, ref, bound, what: str) -> None:
-    """Elementwise |got - ref| <= bound, naming the worst offender."""
-    got, ref = np.asarray(got), f64(ref)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
-    if got.size == 0:
-        return
-    err = np.abs(f64(got) - ref)
-    ok = err <= bound
-    if not ok.all():
-        idx = np.unravel_index(np.argmax(np.where(ok, -np.inf, err - bound)), err.shape)
-        raise AssertionError(
-            f"{what}: {np.count_nonzero(~ok)} of {err.size} outside the bound; worst at {idx}: "
-            f"got {got[idx]!r}, ref {ref[idx]!r}, |err| {err[idx]:.3e} > bound {bound[idx]:.3e}"
-        )
 
 
 def torch_layer(x, w, b, dy, name):

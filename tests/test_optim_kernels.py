@@ -227,24 +227,18 @@ def adam_reference(p, grads, *, lr, betas, eps, weight_decay, decoupled):
         yield p, m, v
 
 
-def test_sgd_matches_float64_reference(isa, dtype):
-    """SGD with momentum, dampening and weight decay follows the float64 formula (20 steps)."""
-    cfg = {"momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2, "nesterov": False}
-    p0, grads = random_problem(dtype, 33, STEPS, seed=5)
-    p, buf = p0.copy(), np.zeros_like(p0)
-    check = StepChecker(dtype)
-    for k, (g, (ref_p, ref_buf)) in enumerate(
-        zip(grads, sgd_reference(p0, grads, lr=SGD_LR, **cfg), strict=True), 1
-    ):
-        ops.sgd_step(p, g, buf, lr=SGD_LR, first_step=k == 1, **cfg)
-        check("param", p, ref_p, k, g, ref_buf)
-        check("momentum_buffer", buf, ref_buf, k, g, ref_p)
-
-
-def test_sgd_nesterov_matches_float64_reference(isa, dtype):
-    """Nesterov SGD with weight decay follows the float64 formula (20 steps)."""
-    cfg = {"momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-2, "nesterov": True}
-    p0, grads = random_problem(dtype, 7, STEPS, seed=6)
+@pytest.mark.parametrize(
+    ("cfg", "size", "seed"),
+    [
+        ({"momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2, "nesterov": False}, 33, 5),
+        ({"momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-2, "nesterov": True}, 7, 6),
+    ],
+    ids=["momentum-dampening-wd", "nesterov-wd"],
+)
+def test_sgd_matches_float64_reference(isa, dtype, cfg, size, seed):
+    """SGD (momentum, dampening, weight decay; and Nesterov) follows the float64 formula for 20
+    steps, parameters and momentum buffer alike."""
+    p0, grads = random_problem(dtype, size, STEPS, seed=seed)
     p, buf = p0.copy(), np.zeros_like(p0)
     check = StepChecker(dtype)
     for k, (g, (ref_p, ref_buf)) in enumerate(
