@@ -293,15 +293,18 @@ static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *
         const REAL *bias_j = bias ? bias + j0 : NULL;
         for (int64_t i0 = 0; i0 < m; i0 += ROWS) {
             int64_t rows = min_i64(ROWS, m - i0);
-            VEC acc[ROWS] = {{0}};
+            /* Zeros by broadcast and lanes filled one by one: an `= {0}` initialiser of a
+             * vector array or a REAL[VL] becomes a `rep stos`, whose ~30-cycle start-up was most
+             * of a tiny network's GEMM time. */
+            VEC acc[ROWS];
+            for (int64_t r = 0; r < ROWS; r++) acc[r] = V_(vbcast)(0);
             for (int64_t p = 0; p < k; p++) {
                 VEC bv;
                 if (cs_b == 1 && cnt == VL) {
                     bv = V_(vload)(b + p * rs_b + j0);
                 } else {
-                    REAL tmp[FBP_VBYTES / sizeof(REAL)] = {0};
-                    for (int64_t j = 0; j < cnt; j++) tmp[j] = b[p * rs_b + (j0 + j) * cs_b];
-                    bv = V_(vload)(tmp);
+                    bv = V_(vbcast)(0);
+                    for (int64_t j = 0; j < cnt; j++) bv[j] = b[p * rs_b + (j0 + j) * cs_b];
                 }
                 for (int64_t r = 0; r < rows; r++)
                     acc[r] += V_(vbcast)(a[(i0 + r) * rs_a + p * cs_a]) * bv;

@@ -31,16 +31,6 @@ typedef int64_t vi64 __attribute__((vector_size(FBP_VBYTES)));
         return v;                                                                                  \
     }                                                                                              \
     FBP_INLINE void vstore_##SFX(T *p, V v) { memcpy(p, &v, sizeof v); }                           \
-    /* The first n lanes from p, zeros after: tails without reading past the end. A lane loop,     \
-     * not a variable-size memcpy, which would be a libc call per tail. */                         \
-    FBP_INLINE V vload_part_##SFX(const T *p, int64_t n) {                                         \
-        V v = {0};                                                                                 \
-        for (int64_t i = 0; i < n; i++) v[i] = p[i];                                               \
-        return v;                                                                                  \
-    }                                                                                              \
-    FBP_INLINE void vstore_part_##SFX(T *p, V v, int64_t n) {                                      \
-        for (int64_t i = 0; i < n; i++) p[i] = v[i];                                               \
-    }                                                                                              \
     /* s - 0 is exactly s for every s (even -0), so it folds to a bare broadcast; (V){0} + s       \
      * would not fold (-0 + 0 is +0) and costs a scalar add per use. */                            \
     FBP_INLINE V vbcast_##SFX(T s) { return s - (V){0}; }                                          \
@@ -49,6 +39,61 @@ typedef int64_t vi64 __attribute__((vector_size(FBP_VBYTES)));
 
 FBP_DEFINE_VEC_BASICS(vf32, vi32, float, f32)
 FBP_DEFINE_VEC_BASICS(vf64, vi64, double, f64)
+
+/* The first n (0 <= n <= lanes) lanes from p, zeros after, and the matching store: tails without
+ * touching memory past the end. With AVX-512 or AVX2 these are masked moves (masked-off lanes
+ * never fault). A lane loop compiled to a stack spill plus a `rep movs`, tens of cycles per
+ * tail, which was 40% of a tiny network's training step; it stays for SSE2 and for the 64-byte
+ * layout built with AVX2 flags that tests/test_isa_variants.py uses. */
+#if FBP_VBYTES == 64 && defined(__AVX512F__)
+#include <immintrin.h>
+FBP_INLINE vf32 vload_part_f32(const float *p, int64_t n) {
+    return (vf32)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
+FBP_INLINE void vstore_part_f32(float *p, vf32 v, int64_t n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+}
+FBP_INLINE vf64 vload_part_f64(const double *p, int64_t n) {
+    return (vf64)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1), p);
+}
+FBP_INLINE void vstore_part_f64(double *p, vf64 v, int64_t n) {
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
+}
+#elif FBP_VBYTES == 32 && defined(__AVX2__)
+#include <immintrin.h>
+FBP_INLINE __m256i vpart_mask32(int64_t n) {
+    const vi32 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    return (__m256i)(lane < (int32_t)n);
+}
+FBP_INLINE __m256i vpart_mask64(int64_t n) {
+    const vi64 lane = {0, 1, 2, 3};
+    return (__m256i)(lane < (int64_t)n);
+}
+FBP_INLINE vf32 vload_part_f32(const float *p, int64_t n) {
+    return (vf32)_mm256_maskload_ps(p, vpart_mask32(n));
+}
+FBP_INLINE void vstore_part_f32(float *p, vf32 v, int64_t n) {
+    _mm256_maskstore_ps(p, vpart_mask32(n), (__m256)v);
+}
+FBP_INLINE vf64 vload_part_f64(const double *p, int64_t n) {
+    return (vf64)_mm256_maskload_pd(p, vpart_mask64(n));
+}
+FBP_INLINE void vstore_part_f64(double *p, vf64 v, int64_t n) {
+    _mm256_maskstore_pd(p, vpart_mask64(n), (__m256d)v);
+}
+#else
+#define FBP_DEFINE_VEC_PART(V, T, SFX)                                                             \
+    FBP_INLINE V vload_part_##SFX(const T *p, int64_t n) {                                         \
+        V v = {0};                                                                                 \
+        for (int64_t i = 0; i < n; i++) v[i] = p[i];                                               \
+        return v;                                                                                  \
+    }                                                                                              \
+    FBP_INLINE void vstore_part_##SFX(T *p, V v, int64_t n) {                                      \
+        for (int64_t i = 0; i < n; i++) p[i] = v[i];                                               \
+    }
+FBP_DEFINE_VEC_PART(vf32, float, f32)
+FBP_DEFINE_VEC_PART(vf64, double, f64)
+#endif
 
 FBP_INLINE vf32 vabs_f32(vf32 x) { return (vf32)((vi32)x & 0x7fffffff); }
 FBP_INLINE vf64 vabs_f64(vf64 x) { return (vf64)((vi64)x & INT64_MAX); }
