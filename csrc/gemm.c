@@ -282,35 +282,62 @@ static void LFN(store_tile)(REAL *c, int64_t ldc, int64_t rows, int64_t cols, VE
     }
 }
 
+/* `rows` (1..4, a constant in each caller) rows of C, columns [j0, j0 + cnt): the accumulators
+ * stay in registers because every loop bound but K is known. K is summed in order, one FMA per
+ * step, as in the packed path, so both paths give the same bits. */
+FBP_INLINE void LFN(direct_rows)(REAL *c, const REAL *a, const REAL *b, const REAL *bias_j,
+                                 int rows, int64_t cnt, int64_t k, int64_t rs_a, int64_t cs_a,
+                                 int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
+                                 fbp_activation act) {
+    VEC acc[4];
+    for (int r = 0; r < rows; r++) acc[r] = V_(vbcast)(0);
+    const int gather = cs_b != 1 && vgather_ok(cs_b);
+    for (int64_t p = 0; p < k; p++) {
+        const REAL *brow = b + p * rs_b;
+        VEC bv;
+        if (cs_b == 1) {
+            bv = cnt == VL ? V_(vload)(brow) : V_(vload_part)(brow, cnt);
+        } else if (gather) {
+            bv = V_(vgather_part)(brow, cs_b, cnt);
+        } else {
+            bv = V_(vbcast)(0);
+            for (int64_t j = 0; j < cnt; j++) bv[j] = brow[j * cs_b];
+        }
+        for (int r = 0; r < rows; r++) acc[r] += V_(vbcast)(a[r * rs_a + p * cs_a]) * bv;
+    }
+    for (int r = 0; r < rows; r++)
+        LFN(epilogue)(c + r * ldc, acc[r], cnt, bias_j, alpha, beta, 1, 1, act);
+}
+
 /* Small problems: no packing, no threads, no scratch. Four rows at a time for independent
- * FMA chains; K is summed in order, as in the packed path. */
+ * FMA chains. */
 static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                              int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                              int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act) {
-    enum { ROWS = 4 };
     for (int64_t j0 = 0; j0 < n; j0 += VL) {
-        int64_t cnt = min_i64(VL, n - j0);
+        const int64_t cnt = min_i64(VL, n - j0);
         const REAL *bias_j = bias ? bias + j0 : NULL;
-        for (int64_t i0 = 0; i0 < m; i0 += ROWS) {
-            int64_t rows = min_i64(ROWS, m - i0);
-            /* Zeros by broadcast and lanes filled one by one: an `= {0}` initialiser of a
-             * vector array or a REAL[VL] becomes a `rep stos`, whose ~30-cycle start-up was most
-             * of a tiny network's GEMM time. */
-            VEC acc[ROWS];
-            for (int64_t r = 0; r < ROWS; r++) acc[r] = V_(vbcast)(0);
-            for (int64_t p = 0; p < k; p++) {
-                VEC bv;
-                if (cs_b == 1 && cnt == VL) {
-                    bv = V_(vload)(b + p * rs_b + j0);
-                } else {
-                    bv = V_(vbcast)(0);
-                    for (int64_t j = 0; j < cnt; j++) bv[j] = b[p * rs_b + (j0 + j) * cs_b];
-                }
-                for (int64_t r = 0; r < rows; r++)
-                    acc[r] += V_(vbcast)(a[(i0 + r) * rs_a + p * cs_a]) * bv;
+        const REAL *bj = b + j0 * cs_b;
+        for (int64_t i0 = 0; i0 < m; i0 += 4) {
+            REAL *ci = c + i0 * ldc + j0;
+            const REAL *ai = a + i0 * rs_a;
+            switch (min_i64(4, m - i0)) {
+            case 4:
+                LFN(direct_rows)(ci, ai, bj, bias_j, 4, cnt, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
+                                 beta, act);
+                break;
+            case 3:
+                LFN(direct_rows)(ci, ai, bj, bias_j, 3, cnt, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
+                                 beta, act);
+                break;
+            case 2:
+                LFN(direct_rows)(ci, ai, bj, bias_j, 2, cnt, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
+                                 beta, act);
+                break;
+            default:
+                LFN(direct_rows)(ci, ai, bj, bias_j, 1, cnt, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
+                                 beta, act);
             }
-            for (int64_t r = 0; r < rows; r++)
-                LFN(epilogue)(c + (i0 + r) * ldc + j0, acc[r], cnt, bias_j, alpha, beta, 1, 1, act);
         }
     }
 }

@@ -59,6 +59,21 @@ FBP_INLINE vf64 vload_part_f64(const double *p, int64_t n) {
 FBP_INLINE void vstore_part_f64(double *p, vf64 v, int64_t n) {
     _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
 }
+/* p[0], p[s], ..., p[(n - 1) s], zeros after; s * lanes must fit in int32 (see vgather_ok). */
+FBP_INLINE vf32 vgather_part_f32(const float *p, int64_t s, int64_t n) {
+    const __m512i idx =
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                           _mm512_set1_epi32((int)s));
+    return (vf32)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)((1u << n) - 1), idx, p,
+                                          4);
+}
+FBP_INLINE vf64 vgather_part_f64(const double *p, int64_t s, int64_t n) {
+    const __m256i idx =
+        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)s));
+    return (vf64)_mm512_mask_i32gather_pd(_mm512_setzero_pd(), (__mmask8)((1u << n) - 1), idx, p,
+                                          8);
+}
+#define FBP_HAVE_VGATHER 1
 #elif FBP_VBYTES == 32 && defined(__AVX2__)
 #include <immintrin.h>
 FBP_INLINE __m256i vpart_mask32(int64_t n) {
@@ -81,6 +96,16 @@ FBP_INLINE vf64 vload_part_f64(const double *p, int64_t n) {
 FBP_INLINE void vstore_part_f64(double *p, vf64 v, int64_t n) {
     _mm256_maskstore_pd(p, vpart_mask64(n), (__m256d)v);
 }
+FBP_INLINE vf32 vgather_part_f32(const float *p, int64_t s, int64_t n) {
+    const __m256i idx =
+        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)s));
+    return (vf32)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, (__m256)vpart_mask32(n), 4);
+}
+FBP_INLINE vf64 vgather_part_f64(const double *p, int64_t s, int64_t n) {
+    const __m128i idx = _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32((int)s));
+    return (vf64)_mm256_mask_i32gather_pd(_mm256_setzero_pd(), p, idx, (__m256d)vpart_mask64(n), 8);
+}
+#define FBP_HAVE_VGATHER 1
 #else
 #define FBP_DEFINE_VEC_PART(V, T, SFX)                                                             \
     FBP_INLINE V vload_part_##SFX(const T *p, int64_t n) {                                         \
@@ -90,10 +115,18 @@ FBP_INLINE void vstore_part_f64(double *p, vf64 v, int64_t n) {
     }                                                                                              \
     FBP_INLINE void vstore_part_##SFX(T *p, V v, int64_t n) {                                      \
         for (int64_t i = 0; i < n; i++) p[i] = v[i];                                               \
+    }                                                                                              \
+    FBP_INLINE V vgather_part_##SFX(const T *p, int64_t s, int64_t n) {                            \
+        V v = {0};                                                                                 \
+        for (int64_t i = 0; i < n; i++) v[i] = p[i * s];                                           \
+        return v;                                                                                  \
     }
 FBP_DEFINE_VEC_PART(vf32, float, f32)
 FBP_DEFINE_VEC_PART(vf64, double, f64)
+#define FBP_HAVE_VGATHER 0
 #endif
+/* Whether vgather_part can take stride s: its lane offsets are 32-bit. */
+FBP_INLINE int vgather_ok(int64_t s) { return FBP_HAVE_VGATHER && s > 0 && s <= INT32_MAX / 16; }
 
 FBP_INLINE vf32 vabs_f32(vf32 x) { return (vf32)((vi32)x & 0x7fffffff); }
 FBP_INLINE vf64 vabs_f64(vf64 x) { return (vf64)((vi64)x & INT64_MAX); }
