@@ -182,6 +182,9 @@ fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct,
                              const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind);
 /* A seeded permutation of [0, n) (Fisher-Yates over a splitmix64 stream). */
 void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed);
+/* 1 when none of x[0..n) is NaN or infinite. Reads only; no allocation. */
+int fbp_all_finite_f32(const float *x, int64_t n);
+int fbp_all_finite_f64(const double *x, int64_t n);
 
 #ifdef __cplusplus
 }

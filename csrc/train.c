@@ -6,6 +6,7 @@
  * itself once per dtype. */
 #ifndef FBP_TRAIN_PASS
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -66,6 +67,41 @@ void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed) {
         order[j] = t;
     }
 }
+
+/* Finiteness of a whole data set, checked before fit/predict touch it: an exponent-bits test
+ * the compiler vectorises, in blocks so a NaN near the front ends the scan early, blocks split
+ * over threads for big arrays (the answer is a bool: no order to keep). numpy's
+ * isfinite(X).all() allocated and filled a bool array of X's size: 55 ms of a 0.44 s W3 epoch. */
+#define ALL_FINITE_BLOCK 4096
+#define ALL_FINITE_GRAIN (1 << 22) /* elements per thread: ~1 ms of memory traffic */
+#define DEFINE_ALL_FINITE(SFX, T, U, EXP)                                                          \
+    static int all_finite_range_##SFX(const T *x, int64_t lo, int64_t hi) {                        \
+        for (int64_t b = lo; b < hi; b += ALL_FINITE_BLOCK) {                                      \
+            const int64_t e = hi - b < ALL_FINITE_BLOCK ? hi : b + ALL_FINITE_BLOCK;               \
+            U bad = 0;                                                                             \
+            for (int64_t i = b; i < e; i++) {                                                      \
+                U bits;                                                                            \
+                memcpy(&bits, x + i, sizeof bits);                                                 \
+                bad |= (bits & EXP) == EXP;                                                        \
+            }                                                                                      \
+            if (bad) return 0;                                                                     \
+        }                                                                                          \
+        return 1;                                                                                  \
+    }                                                                                              \
+    int fbp_all_finite_##SFX(const T *x, int64_t n) {                                              \
+        if (n <= 0) return 1;                                                                      \
+        const int team = fbp_team_size(n, ALL_FINITE_GRAIN);                                       \
+        if (team <= 1) return all_finite_range_##SFX(x, 0, n);                                     \
+        int ok = 1;                                                                                \
+        _Pragma("omp parallel num_threads(team) reduction(&& : ok)") {                             \
+            int64_t lo, hi;                                                                        \
+            fbp_split_range(n, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);             \
+            ok = all_finite_range_##SFX(x, lo, hi);                                                \
+        }                                                                                          \
+        return ok;                                                                                 \
+    }
+DEFINE_ALL_FINITE(f32, float, uint32_t, 0x7f800000u)
+DEFINE_ALL_FINITE(f64, double, uint64_t, 0x7ff0000000000000ull)
 
 static int valid_activation(int32_t a) { return a >= FBP_ACT_IDENTITY && a <= FBP_ACT_TANH; }
 

@@ -1212,3 +1212,52 @@ def test_strides_beyond_2_31_elements(dtype):
             buf.close()
         except BufferError:
             pass
+
+
+# ---- the data-set finiteness scan (fastbp._core.all_finite, used by fit/predict/estimators) ----
+
+_ODD_SIZES = (1, 7, 33, 257, 4095, 4096, 4097, 9000)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_all_finite_finds_every_bad_value_anywhere(dtype, threads):
+    from fastbp import _core
+
+    rng = np.random.default_rng(7)
+    info = np.finfo(dtype)
+    with fastbp.thread_limit(threads):
+        for n in _ODD_SIZES:
+            clean = rng.standard_normal(n).astype(dtype)
+            # finite extremes: the largest, the smallest normal and subnormal, -0
+            extremes = np.array([info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0])
+            clean[rng.integers(0, n, extremes.size)] = extremes.astype(dtype)
+            assert _core.all_finite(clean)
+            for bad in (np.nan, np.inf, -np.inf):
+                for pos in {0, n // 2, n - 1, int(rng.integers(0, n))}:
+                    x = clean.copy()
+                    x[pos] = bad
+                    assert not _core.all_finite(x), (n, pos, bad)
+        # a scan split over threads (above its 4M-element grain) still sees the last element
+        big = np.zeros(9_000_001, dtype=dtype)
+        assert _core.all_finite(big)
+        big[-1] = np.nan
+        assert not _core.all_finite(big)
+        big[-1] = 0
+        big[4_500_000] = np.inf
+        assert not _core.all_finite(big)
+
+
+def test_all_finite_agrees_with_numpy_on_every_float32_exponent():
+    """Every exponent (and a few mantissas each), as raw bit patterns: NaN payloads, signalling
+    NaNs, both infinities, subnormals."""
+    from fastbp import _core
+
+    exps = np.arange(256, dtype=np.uint32) << 23
+    mants = np.array([0, 1, 0x400000, 0x7FFFFF], dtype=np.uint32)
+    bits = (exps[:, None] | mants[None, :]).ravel()
+    bits = np.concatenate([bits, bits | 0x80000000])
+    values = bits.view(np.float32)
+    for v in values:
+        one = np.array([1.0, v, 2.0], dtype=np.float32)
+        assert _core.all_finite(one) == bool(np.isfinite(one).all()), hex(v.view(np.uint32))

@@ -88,6 +88,8 @@ cdef extern from "fastbp.h" nogil:
     fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch, const void *X, const void *Y, int64_t n, const int64_t *order, int64_t batch_size, int64_t first, int64_t count, fbp_loss loss_kind, fbp_optimizer *opt)
     fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X, const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind)
     void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed)
+    int fbp_all_finite_f32(const float *x, int64_t n)
+    int fbp_all_finite_f64(const double *x, int64_t n)
 
 cdef extern from *:
     """
@@ -508,3 +510,17 @@ def shuffle(int64_t[::1] order, uint64_t seed):
         return
     with nogil:
         fbp_shuffle(&order[0], n, seed)
+
+
+def all_finite(const floating[::1] x):
+    """True when no element of the contiguous 1-D array x is NaN or infinite (no allocation)."""
+    cdef int64_t n = x.shape[0]
+    cdef int ok = 1
+    if n == 0:
+        return True
+    with nogil:
+        if floating is float:
+            ok = fbp_all_finite_f32(&x[0], n)
+        else:
+            ok = fbp_all_finite_f64(&x[0], n)
+    return ok != 0

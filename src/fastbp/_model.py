@@ -43,6 +43,16 @@ _OP_LINEAR, _OP_ACTIVATION, _OP_DROPOUT, _OP_BATCHNORM = 0, 1, 2, 3
 _CHUNK_SECONDS = 0.02
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """No NaN or infinity in arr: one read-only pass in C for contiguous float32/float64 arrays
+    (numpy's ``isfinite(arr).all()`` allocates an array-sized bool temporary), numpy otherwise."""
+    if arr.dtype.kind in "iub":
+        return True
+    if arr.dtype in (np.float32, np.float64) and arr.flags.c_contiguous:
+        return _core.all_finite(arr.reshape(-1))
+    return bool(np.isfinite(arr).all())
+
+
 class History:
     """What :meth:`Sequential.fit` returns: per-epoch metrics in ``history`` (a dict of lists:
     loss, val_loss, val_accuracy, time, samples_per_sec, lr)."""
@@ -442,7 +452,7 @@ class Sequential(Module):
         if arr.shape != (rows, self.out_features):
             raise ValueError(f"{name} must have shape {(rows, self.out_features)}, got {arr.shape}")
         out = np.ascontiguousarray(arr, dtype=self.dtype)
-        if not np.isfinite(out).all():
+        if not _all_finite(out):
             raise ValueError(f"{name} contains NaN or infinity")
         return out
 
@@ -454,7 +464,7 @@ class Sequential(Module):
         """
         loss = resolve_loss(loss_fn)
         arr = self._check_input(x)
-        if not np.isfinite(arr).all():
+        if not _all_finite(arr):
             raise ValueError("x contains NaN or infinity")
         self._check_batchnorm_batch(arr.shape[0], True)
         target = self._loss_target(loss, y, arr.shape[0])
@@ -565,8 +575,9 @@ class Sequential(Module):
             history = History()
             self._last_batch = None  # fit overwrites the activations a step-API backward would use
             order = np.arange(n, dtype=np.int64)
-            chunk = 1  # batches per call into C; grows while calls are short, kept across epochs
             n_batches = math.ceil(n / batch_size)
+            # batches per call into C; grows while calls are short, kept across epochs
+            chunk = self._first_chunk(batch_size, n_batches, callbacks)
             self.train()
             for epoch in range(epochs):
                 t0 = time.perf_counter()
@@ -597,6 +608,21 @@ class Sequential(Module):
                     lr_scheduler.step()
             return history
 
+    def _first_chunk(self, batch_size: int, n_batches: int, callbacks: Sequence[object]) -> int:
+        """Batches in fit's first call into C: as many as surely take under _CHUNK_SECONDS,
+        costing a step at 1 us plus its multiply-adds at 1e9/s (both pessimistic), so a tiny
+        network's epoch is one call instead of a doubling series of them. Batch callbacks are
+        promised every batch: then one."""
+        if any(hasattr(cb, "on_batch_end") for cb in callbacks):
+            return 1
+        macs = batch_size * sum(
+            layer.in_features * layer.out_features
+            for layer in self._layers
+            if isinstance(layer, Linear)
+        )
+        step_seconds = 1e-6 + 3 * macs / 1e9  # forward, weight and input gradients
+        return max(1, min(n_batches, int(_CHUNK_SECONDS / step_seconds)))
+
     def _fit_inputs(self, X: object, name: str) -> np.ndarray:
         arr = X if isinstance(X, np.ndarray) else np.asarray(X)
         if arr.dtype == np.bool_ or arr.dtype.kind not in "fiu":
@@ -611,7 +637,7 @@ class Sequential(Module):
                 f"{name} has {arr.shape[1]} features, the model expects {self.in_features}"
             )
         out = np.ascontiguousarray(arr, dtype=self.dtype)
-        if not np.isfinite(out).all():
+        if not _all_finite(out):
             raise ValueError(f"{name} contains NaN or infinity")
         return out
 

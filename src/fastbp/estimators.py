@@ -76,7 +76,7 @@ import numpy as np
 
 from . import optim
 from ._config import thread_limit as _thread_limit
-from ._model import MLP, Sequential
+from ._model import MLP, Sequential, _all_finite
 from ._random import derive_seed
 
 __all__ = [
@@ -164,7 +164,7 @@ def _numeric_array(X: object, name: str) -> np.ndarray:
 
 
 def _check_finite(arr: np.ndarray, name: str) -> None:
-    if not np.isfinite(arr).all():
+    if not _all_finite(arr):
         raise ValueError(f"Input {name} contains NaN or infinity.")
 
 
@@ -796,7 +796,7 @@ class MLPClassifier(_BaseMLP):
         if arr.dtype.kind == "c":
             raise ValueError("Unknown label type: complex labels are not supported")
         if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all():
+            if not _all_finite(arr):
                 raise ValueError("Input y contains NaN or infinity.")
             if np.any(arr != np.round(arr)):
                 raise ValueError(
