@@ -198,19 +198,19 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
     }
 }
 
-/* acc[MR][NV] = sum_p pa[p, :] (outer) pb[p, :]; pb is 64-byte aligned. */
+/* acc[MR][NV] = sum_p pa[p, :] (outer) pb[p * ldb, :]: B from a packed sliver (ldb = NR) or
+ * straight from a row-major B (ldb = its row stride). */
 FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, const REAL *restrict pb,
-                                  int64_t kc) {
+                                  int64_t kc, int64_t ldb) {
     VEC c[MR][NV];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) c[i][v] = V_(vbcast)(0);
-    pb = __builtin_assume_aligned(pb, FBP_VBYTES);
     for (int64_t p = 0; p < kc; p++) {
         VEC bv[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) bv[v] = *(const VEC *)(pb + v * VL);
+        for (int v = 0; v < NV; v++) bv[v] = V_(vload)(pb + v * VL);
 #pragma GCC unroll 16
         for (int i = 0; i < MR; i++) {
             VEC ai = V_(vbcast)(pa[i]);
@@ -218,7 +218,7 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, cons
             for (int v = 0; v < NV; v++) c[i][v] += ai * bv[v];
         }
         pa += MR;
-        pb += NR;
+        pb += ldb;
     }
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
@@ -230,10 +230,11 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, cons
  * from the FMAs to C without a trip through memory. `act` is a constant in each caller below, so
  * every activation gets its own copy with the switch folded away. */
 FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa,
-                                   const REAL *restrict pb, int64_t kc, const REAL *bias,
-                                   REAL alpha, REAL beta, int first, int last, fbp_activation act) {
+                                   const REAL *restrict pb, int64_t ldb, int64_t kc,
+                                   const REAL *bias, REAL alpha, REAL beta, int first, int last,
+                                   fbp_activation act) {
     VEC acc[MR][NV];
-    LFN(micro_kernel)(acc, pa, pb, kc);
+    LFN(micro_kernel)(acc, pa, pb, kc, ldb);
     VEC bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) bv[v] = last && bias ? V_(vload)(bias + v * VL) : V_(vbcast)(0);
@@ -253,20 +254,22 @@ FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa
 }
 
 static void LFN(full_tile)(REAL *c, int64_t ldc, const REAL *restrict pa, const REAL *restrict pb,
-                           int64_t kc, const REAL *bias, REAL alpha, REAL beta, int first, int last,
-                           fbp_activation act) {
+                           int64_t ldb, int64_t kc, const REAL *bias, REAL alpha, REAL beta,
+                           int first, int last, fbp_activation act) {
     switch (last ? act : FBP_ACT_IDENTITY) {
     case FBP_ACT_SIGMOID:
-        LFN(full_tile_act)(c, ldc, pa, pb, kc, bias, alpha, beta, first, last, FBP_ACT_SIGMOID);
+        LFN(full_tile_act)(c, ldc, pa, pb, ldb, kc, bias, alpha, beta, first, last,
+                           FBP_ACT_SIGMOID);
         break;
     case FBP_ACT_RELU:
-        LFN(full_tile_act)(c, ldc, pa, pb, kc, bias, alpha, beta, first, last, FBP_ACT_RELU);
+        LFN(full_tile_act)(c, ldc, pa, pb, ldb, kc, bias, alpha, beta, first, last, FBP_ACT_RELU);
         break;
     case FBP_ACT_TANH:
-        LFN(full_tile_act)(c, ldc, pa, pb, kc, bias, alpha, beta, first, last, FBP_ACT_TANH);
+        LFN(full_tile_act)(c, ldc, pa, pb, ldb, kc, bias, alpha, beta, first, last, FBP_ACT_TANH);
         break;
     default:
-        LFN(full_tile_act)(c, ldc, pa, pb, kc, bias, alpha, beta, first, last, FBP_ACT_IDENTITY);
+        LFN(full_tile_act)(c, ldc, pa, pb, ldb, kc, bias, alpha, beta, first, last,
+                           FBP_ACT_IDENTITY);
     }
 }
 
@@ -356,6 +359,15 @@ static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, con
                                   int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha,
                                   REAL beta, fbp_activation act, REAL *packed_b, REAL *packed_a) {
     const int64_t kc_step = LFN(balanced_kc)(k);
+    /* A row-major B is read in place, not packed, when its slivers stream from L2 anyway
+     * (GEMM_A_OUTER): packing was ~8% of a W3-sized GEMM. Whole slivers only; the ragged last
+     * one is packed (zero padding). Not for rows a multiple of 4 KiB apart (every row of a
+     * sliver in the same L1 set: 1024^3 fell from 193 to 116 GFLOP/s), nor for rows far apart
+     * (a page per row), nor for tall C: packing's cost shrinks with m while strided reads cost
+     * per A sliver (m = 1024 x 784 x 256: 189 -> 178 in place; m = 128 x 784 x 256: 182 -> 193). */
+    const size_t b_row_bytes = (size_t)rs_b * sizeof(REAL);
+    const int direct_b =
+        GEMM_A_OUTER && cs_b == 1 && b_row_bytes % 4096 != 0 && b_row_bytes < 16384 && m <= 32 * MR;
     {
         VEC acc[MR][NV];
         for (int64_t jc = 0; jc < n; jc += NC) {
@@ -366,9 +378,11 @@ static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, con
                 const int first = pc == 0, last = pc + kc == k;
                 int64_t lo, hi;
                 fbp_split_range(n_bs, team, tid, &lo, &hi);
-                for (int64_t s = lo; s < hi; s++)
+                for (int64_t s = lo; s < hi; s++) {
+                    if (direct_b && (s + 1) * NR <= nc) continue; /* read in place */
                     LFN(pack_b_sliver)(packed_b + s * NR * kc, b + pc * rs_b + (jc + s * NR) * cs_b,
                                        rs_b, cs_b, min_i64(NR, nc - s * NR), kc);
+                }
 #pragma omp barrier
                 for (int64_t ic = 0; ic < m; ic += MC) {
                     const int64_t mc = min_i64(MC, m - ic);
@@ -402,14 +416,17 @@ static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, con
                                 __builtin_prefetch(c + (i + r) * ldc + j + cols - 1, 1, 3);
                             }
                             const REAL *pa = packed_a + ir * MR * kc;
-                            const REAL *pb = packed_b + jr * NR * kc;
+                            const int b_in_place = direct_b && cols == NR;
+                            const REAL *pb =
+                                b_in_place ? b + pc * rs_b + j : packed_b + jr * NR * kc;
+                            const int64_t ldb = b_in_place ? rs_b : NR;
                             const REAL *bias_j = bias ? bias + j : NULL;
                             if (rows == MR && cols == NR) {
-                                LFN(full_tile)(c + i * ldc + j, ldc, pa, pb, kc, bias_j, alpha,
+                                LFN(full_tile)(c + i * ldc + j, ldc, pa, pb, ldb, kc, bias_j, alpha,
                                                beta, first, last, act);
                                 continue;
                             }
-                            LFN(micro_kernel)(acc, pa, pb, kc);
+                            LFN(micro_kernel)(acc, pa, pb, kc, ldb);
                             LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc, bias_j, alpha,
                                             beta, first, last, act);
                         }
