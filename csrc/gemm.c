@@ -247,7 +247,10 @@ FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa
             REAL *dst = c + i * ldc + v * VL;
             VEC x = alpha == 1 ? acc[i][v] : acc[i][v] * alpha;
             if (read_c) x += V_(vload)(dst) * old_scale;
-            if (last) x = LFN(apply_act)(x + bv[v], act);
+            if (last) { /* no `+ 0` without a bias: -0 + 0 would be +0 */
+                if (bias) x += bv[v];
+                x = LFN(apply_act)(x, act);
+            }
             V_(vstore)(dst, x);
         }
     }

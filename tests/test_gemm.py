@@ -727,3 +727,14 @@ def test_nonfinite_inputs_propagate_like_numpy(isa, dtype, activation, m, k, n):
         assert np.isnan(ref).any() and (inf.any() or activation in ("sigmoid", "tanh"))
         bound = act_bound(activation, ref_z, pre_bound, dtype)
         assert_within(got[finite], ref[finite], bound[finite], what)
+
+
+@pytest.mark.parametrize("shape", [(24, 64, 40), (30, 70, 40), (5, 3, 2)], ids=str)
+def test_negative_zero_products_keep_their_sign(shape):
+    """Every partial sum of (-1e-30) * 1e-30 rounds to -0, so C is -0 everywhere: no epilogue may
+    add a +0 bias that is not there (full tiles, edge tiles and the direct path alike)."""
+    m, n, k = shape
+    a = np.full((m, k), -1e-30, dtype=np.float32)
+    b = np.full((k, n), 1e-30, dtype=np.float32)
+    c = ops.gemm(a, b)
+    assert np.all(c == 0) and np.signbit(c).all()
