@@ -226,34 +226,21 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, cons
         for (int v = 0; v < NV; v++) acc[i][v] = c[i][v];
 }
 
-/* A whole MR x NR tile, the micro-kernel and its epilogue in one piece so the accumulators go
- * from the FMAs to C without a trip through memory. `act` is a constant in each caller below, so
- * every activation gets its own copy with the switch folded away. */
+/* A whole MR x NR tile, the micro-kernel and the shared epilogue inlined into one piece so the
+ * accumulators go from the FMAs to C without a trip through memory. `act` is a constant in each
+ * caller below, so every activation gets its own copy with the switch folded away. */
 FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa,
                                    const REAL *restrict pb, int64_t ldb, int64_t kc,
                                    const REAL *bias, REAL alpha, REAL beta, int first, int last,
                                    fbp_activation act) {
     VEC acc[MR][NV];
     LFN(micro_kernel)(acc, pa, pb, kc, ldb);
-    VEC bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) bv[v] = last && bias ? V_(vload)(bias + v * VL) : V_(vbcast)(0);
-    const int read_c = !first || beta != 0;
-    const REAL old_scale = first ? beta : 1;
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; i++) {
+    for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) {
-            REAL *dst = c + i * ldc + v * VL;
-            VEC x = alpha == 1 ? acc[i][v] : acc[i][v] * alpha;
-            if (read_c) x += V_(vload)(dst) * old_scale;
-            if (last) { /* no `+ 0` without a bias: -0 + 0 would be +0 */
-                if (bias) x += bv[v];
-                x = LFN(apply_act)(x, act);
-            }
-            V_(vstore)(dst, x);
-        }
-    }
+        for (int v = 0; v < NV; v++)
+            LFN(epilogue)(c + i * ldc + v * VL, acc[i][v], VL, bias ? bias + v * VL : NULL, alpha,
+                          beta, first, last, act);
 }
 
 static void LFN(full_tile)(REAL *c, int64_t ldc, const REAL *restrict pa, const REAL *restrict pb,
@@ -419,7 +406,7 @@ static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, con
                                 __builtin_prefetch(c + (i + r) * ldc + j + cols - 1, 1, 3);
                             }
                             const REAL *pa = packed_a + ir * MR * kc;
-                            const int b_in_place = direct_b && cols == NR;
+                            const int b_in_place = direct_b && (jr + 1) * NR <= nc;
                             const REAL *pb =
                                 b_in_place ? b + pc * rs_b + j : packed_b + jr * NR * kc;
                             const int64_t ldb = b_in_place ? rs_b : NR;
