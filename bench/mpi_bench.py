@@ -3,6 +3,8 @@ Fashion-MNIST (random data of the same shape when it is not installed).
 
     python bench/mpi_bench.py --threads 2                 # 1 rank x 2 threads (plain fit)
     mpiexec -n 2 python bench/mpi_bench.py --threads 1    # 2 ranks x 1 thread (fit(comm=...))
+    mpiexec -n 2 python bench/mpi_bench.py --overlap      # Allreduce overlapped with backward
+    ... --hidden 1024,1024,1024                           # a deeper net than W3's 256,128
 
 Rank 0 prints the epoch's samples/s and, measured apart from training, the time of one
 compute_gradients call on a rank's shard and of one Allreduce of the flat gradient buffer.
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import fastbp
+import fastbp.distributed
 from fastbp.distributed import shard_rows
 
 
@@ -49,8 +52,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="the global batch")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--no-mpi", action="store_true", help="plain fit, without mpi4py")
+    parser.add_argument(
+        "--overlap", action="store_true", help="fit(overlap=True): Iallreduce during backward"
+    )
+    parser.add_argument(
+        "--bucket-kib",
+        type=float,
+        default=fastbp.distributed.BUCKET_BYTES / 1024,
+        help="with --overlap: the least KiB per Iallreduce",
+    )
+    parser.add_argument("--hidden", default="256,128", help="hidden layer widths (W3: 256,128)")
     args = parser.parse_args()
     fastbp.set_num_threads(args.threads)
+    fastbp.distributed.BUCKET_BYTES = int(args.bucket_kib * 1024)
+    sizes = [784, *(int(w) for w in args.hidden.split(",")), 10]
 
     comm = None
     if not args.no_mpi:
@@ -63,7 +78,7 @@ def main() -> None:
     rank = comm.Get_rank() if comm is not None else 0
     size = comm.Get_size() if comm is not None else 1
     X, y, source = _data()
-    model = fastbp.MLP([784, 256, 128, 10], seed=0)
+    model = fastbp.MLP(sizes, seed=0)
     opt = fastbp.optim.Adam(model.parameters(), lr=1e-3)
     # a 1-rank world trains without the communicator: the plain C loop is the baseline
     fit_comm = comm if size > 1 else None
@@ -81,6 +96,7 @@ def main() -> None:
         batch_size=args.batch_size,
         seed=1,
         comm=fit_comm,
+        overlap=args.overlap and fit_comm is not None,
     )
 
     # The parts of one step, timed apart: this rank's shard of a batch, and the reduction.
@@ -94,12 +110,18 @@ def main() -> None:
         grads = model._grads
         comm.Barrier()
         allreduce = _median_seconds(lambda: comm.Allreduce(MPI.IN_PLACE, grads, op=MPI.SUM), 200)
+    layout = fastbp.distributed.gradient_buckets(
+        model._ops, model._grads.size, model._grads.itemsize, fastbp.distributed.BUCKET_BYTES
+    )
+    overlapped = args.overlap and size > 1 and layout is not None and len(layout) > 1
+    buckets = f"{len(layout)} buckets overlapped" if overlapped else "no overlap"
     if rank == 0:
         steps = -(-X.shape[0] // args.batch_size)
         sps = history["samples_per_sec"][-1]
         print(
-            f"W3 on {source} ({X.shape[0]} rows), global batch {args.batch_size}: "
-            f"{size} rank(s) x {args.threads} thread(s) ({fastbp.get_config()['isa']})\n"
+            f"{'-'.join(map(str, sizes))} on {source} ({X.shape[0]} rows), global batch "
+            f"{args.batch_size}: {size} rank(s) x {args.threads} thread(s) "
+            f"({fastbp.get_config()['isa']}), {buckets}\n"
             f"  epoch: {history['time'][-1]:.2f} s, {sps:,.0f} samples/s, "
             f"{1e3 * history['time'][-1] / steps:.3f} ms per step\n"
             f"  compute_gradients on a {k}-row shard: {1e3 * compute:.3f} ms\n"

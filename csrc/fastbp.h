@@ -22,6 +22,7 @@ typedef enum {
     FBP_ERR_UNSUPPORTED = 3, /* the requested ISA is not available on this CPU/build */
     FBP_ERR_NONFINITE = 4,   /* a training loss became NaN or infinite */
     FBP_ERR_STATE = 5,       /* called out of order (e.g. backward without a training forward) */
+    FBP_ERR_INTERRUPTED = 6, /* a caller's callback asked to stop (it reports its own error) */
 } fbp_status;
 
 typedef enum {
@@ -166,10 +167,18 @@ fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, cons
  * gradient of the mean loss over these rows, *loss that mean loss. row_offset places the rows in a
  * larger global batch (dropout masks are drawn per global element, so shards of a batch draw what
  * the whole batch would). batch 0 (an empty shard) zeroes grads and keeps the dropout stream in
- * step. A non-finite loss returns FBP_ERR_NONFINITE with *loss set and grads zero. */
+ * step. A non-finite loss returns FBP_ERR_NONFINITE with *loss set and grads zero.
+ *
+ * grads_ready, when not NULL, is called with ctx and an op's index as soon as that op's parameter
+ * gradients are final (ops with parameters only, last op first), on the calling thread between
+ * kernels: a data-parallel caller starts reducing them while the earlier layers are still being
+ * differentiated. A nonzero return stops the backward with FBP_ERR_INTERRUPTED. It is not
+ * called for an empty shard or a non-finite loss. */
+typedef int (*fbp_grads_ready_fn)(void *ctx, int32_t op);
 fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x,
                                       const void *target, int64_t batch, int64_t row_offset,
-                                      fbp_loss loss_kind, double grad_scale);
+                                      fbp_loss loss_kind, double grad_scale,
+                                      fbp_grads_ready_fn grads_ready, void *ctx);
 /* Batches [first, first + count) of an epoch over rows order[...] of X (n, in) and targets Y
  * ((n, out) values, or n int64 labels): gather, train_step. loss_sum += loss * rows of each
  * batch. Stops at the first non-finite loss, reporting its batch in *bad_batch (else -1). */

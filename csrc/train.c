@@ -302,7 +302,8 @@ fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, cons
 
 fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x,
                                       const void *target, int64_t batch, int64_t row_offset,
-                                      fbp_loss loss_kind, double grad_scale) {
+                                      fbp_loss loss_kind, double grad_scale,
+                                      fbp_grads_ready_fn grads_ready, void *ctx) {
     if (!plan || !loss || batch < 0 || row_offset < 0 || !isfinite(grad_scale) || !plan->params ||
         !plan->grads || (batch > 0 && (!x || !target)))
         return FBP_ERR_INVALID;
@@ -318,7 +319,7 @@ fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *
         return FBP_OK;
     }
     return DISPATCH(compute_gradients_public)(plan, loss, x, target, batch, row_offset, loss_kind,
-                                              grad_scale);
+                                              grad_scale, grads_ready, ctx);
 }
 
 fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
@@ -478,8 +479,10 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
     return FBP_OK;
 }
 
-/* Backward with dL/dout already in plan->grad_a. Writes dL/dx to dx when not NULL. */
-static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows) {
+/* Backward with dL/dout already in plan->grad_a. Writes dL/dx to dx when not NULL. Calls
+ * grads_ready (when not NULL) after each op whose parameter gradients are then final. */
+static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows,
+                                fbp_grads_ready_fn grads_ready, void *ctx) {
     const REAL *params = plan->params;
     REAL *grads = plan->grads;
     REAL *g = plan->grad_a, *spare = plan->grad_b;
@@ -498,6 +501,8 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows) {
             if (st == FBP_OK)
                 st = KERNEL(gemm)(grads + op->weight, g, x, NULL, out, in, rows, 1, out, in, 1, in,
                                   1, 1, FBP_ACT_IDENTITY);
+            /* dW and db are final: their reduction can overlap the dX product below */
+            if (st == FBP_OK && grads_ready && grads_ready(ctx, i)) return FBP_ERR_INTERRUPTED;
             if (st == FBP_OK && need_dx) {
                 st = KERNEL(gemm)(spare, g, params + op->weight, NULL, rows, in, out, out, 1, in, 1,
                                   in, 1, 0, FBP_ACT_IDENTITY);
@@ -518,6 +523,8 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows) {
             break;
         case FBP_OP_BATCHNORM:
             TFN(batchnorm_backward)(plan, i, g, x, rows);
+            if (grads_ready && (op->weight >= 0 || op->bias >= 0) && grads_ready(ctx, i))
+                return FBP_ERR_INTERRUPTED;
             break;
         }
         if (st != FBP_OK) return st;
@@ -568,7 +575,8 @@ static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
  * grads = grad_scale * d(mean loss)/d(params). A non-finite loss stops before backward (grads
  * stay zero) with FBP_ERR_NONFINITE. */
 static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
-                                         double grad_scale) {
+                                         double grad_scale, fbp_grads_ready_fn grads_ready,
+                                         void *ctx) {
     memset(plan->grads, 0, (size_t)plan->n_params * sizeof(REAL));
     fbp_status st = TFN(forward)(plan, rows, 1);
     if (st == FBP_OK) st = TFN(loss)(plan, loss, plan->grad_a, plan->target, rows, kind);
@@ -579,13 +587,13 @@ static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t r
         const REAL s = (REAL)grad_scale;
         for (int64_t e = 0; e < rows * plan->out_features; e++) g[e] *= s;
     }
-    return TFN(backward)(plan, NULL, rows);
+    return TFN(backward)(plan, NULL, rows, grads_ready, ctx);
 }
 
 /* One step on the batch already in plan->input and plan->target. */
 static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
                             fbp_optimizer *opt) {
-    fbp_status st = TFN(compute_gradients)(plan, loss, rows, kind, 1.0);
+    fbp_status st = TFN(compute_gradients)(plan, loss, rows, kind, 1.0, NULL, NULL);
     if (st == FBP_OK) st = TFN(update)(plan, opt);
     return st;
 }
@@ -609,7 +617,7 @@ static fbp_status TFN(forward_public)(fbp_plan *plan, void *out, const void *x, 
 
 static fbp_status TFN(backward_public)(fbp_plan *plan, void *dx, const void *dy, int64_t rows) {
     memcpy(plan->grad_a, dy, (size_t)(rows * plan->out_features) * sizeof(REAL));
-    return TFN(backward)(plan, dx, rows);
+    return TFN(backward)(plan, dx, rows, NULL, NULL);
 }
 
 static fbp_status TFN(loss_public)(fbp_plan *plan, double *loss, void *dout, const void *target,
@@ -635,7 +643,8 @@ static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const voi
 static fbp_status TFN(compute_gradients_public)(fbp_plan *plan, double *loss, const void *x,
                                                 const void *target, int64_t rows,
                                                 int64_t row_offset, fbp_loss kind,
-                                                double grad_scale) {
+                                                double grad_scale, fbp_grads_ready_fn grads_ready,
+                                                void *ctx) {
     fbp_status st = reserve(plan, rows);
     if (st != FBP_OK) return st;
     if (kind == FBP_LOSS_CROSS_ENTROPY) {
@@ -646,7 +655,7 @@ static fbp_status TFN(compute_gradients_public)(fbp_plan *plan, double *loss, co
     memcpy(plan->input, x, (size_t)(rows * plan->in_features) * sizeof(REAL));
     memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));
     plan->row_offset = row_offset;
-    st = TFN(compute_gradients)(plan, loss, rows, kind, grad_scale);
+    st = TFN(compute_gradients)(plan, loss, rows, kind, grad_scale, grads_ready, ctx);
     plan->row_offset = 0;
     return st;
 }

@@ -381,9 +381,9 @@ def test_n_threads_is_set_during_fit_and_restored():
     seen: list[int] = []
 
     class Spy(MLPClassifier):
-        def _one_epoch(self, X, Y, batch):
+        def _one_epoch(self, X, Y, batch, dist=None):
             seen.append(fastbp.get_num_threads())
-            return super()._one_epoch(X, Y, batch)
+            return super()._one_epoch(X, Y, batch, dist)
 
     X, y = _blobs()
     fastbp.set_num_threads(None)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
 import pytest
 
 import fastbp
+import fastbp.distributed
 from fastbp import _core
-from fastbp.distributed import grad_scale, shard_bounds, shard_rows
+from fastbp.distributed import grad_scale, gradient_buckets, shard_bounds, shard_rows
 
 # ---- the sharding arithmetic (pure functions) ---------------------------------------------------
 
@@ -116,6 +118,118 @@ def test_compute_gradients_reports_a_nonfinite_loss_without_raising() -> None:
     assert not model._grads.any()
     with pytest.raises(ValueError):
         model._plan.compute_gradients(X, np.array([0, 1, 0, 5]), 2)  # label out of range
+
+
+# ---- the backward's gradients-ready hook (what overlap=True builds on) -------------------------
+
+
+def _bn_model(affine: bool = True) -> fastbp.Sequential:
+    rng = np.random.default_rng(2)
+    return fastbp.Sequential(
+        fastbp.nn.Linear(6, 8, dtype=np.float64, rng=rng),
+        fastbp.nn.BatchNorm1d(8, dtype=np.float64, affine=affine),
+        fastbp.nn.ReLU(),
+        fastbp.nn.Dropout(0.3),
+        fastbp.nn.Linear(8, 5, dtype=np.float64, rng=rng),
+        fastbp.nn.Tanh(),
+        fastbp.nn.Linear(5, 3, dtype=np.float64, rng=rng),
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: _model(0.4), _bn_model, lambda: _bn_model(affine=False)],
+    ids=["mlp-dropout", "batchnorm", "batchnorm-no-affine"],
+)
+def test_grads_ready_hook_reports_each_op_once_its_gradients_are_final(make: Any) -> None:
+    model = make()
+    X, y = _data(11)
+    model.seed(9)
+    model._plan.compute_gradients(X, y, 2, 0.5, 3)
+    final = model._grads.copy()
+
+    ranges = {i: _op_ranges(op) for i, op in enumerate(model._ops)}
+    calls: list[int] = []
+
+    def ready(op: int) -> None:
+        calls.append(op)
+        for lo, hi in ranges[op]:  # this op's gradients: already what backward ends with
+            np.testing.assert_array_equal(model._grads[lo:hi], final[lo:hi])
+        for earlier in range(op):  # the ops before it: not differentiated yet
+            for lo, hi in ranges[earlier]:
+                assert not model._grads[lo:hi].any()
+
+    model.seed(9)
+    model._plan.compute_gradients(X, y, 2, 0.5, 3, ready)
+    np.testing.assert_array_equal(model._grads, final)  # the hook changes nothing
+    assert calls == sorted((i for i in ranges if ranges[i]), reverse=True)
+    assert len(calls) >= 3
+
+
+def _op_ranges(op: tuple) -> list[tuple[int, int]]:
+    from fastbp.distributed import _op_param_ranges
+
+    return _op_param_ranges(op)
+
+
+def test_grads_ready_hook_exception_stops_backward_and_is_reraised() -> None:
+    model = _model()
+    X, y = _data(9)
+
+    class Stop(Exception):
+        pass
+
+    def stop(op: int) -> None:
+        raise Stop(f"op {op}")
+
+    with pytest.raises(Stop, match="op 2"):  # the last op, the first to finish
+        model._plan.compute_gradients(X, y, 2, 1.0, 0, stop)
+    # the plan is still usable and computes the same gradients as a fresh one
+    model._plan.compute_gradients(X, y, 2)
+    fresh = _model()
+    fresh._plan.compute_gradients(X, y, 2)
+    np.testing.assert_array_equal(model._grads, fresh._grads)
+
+
+def test_grads_ready_hook_is_not_called_without_a_backward() -> None:
+    calls: list[int] = []
+    model = fastbp.MLP([2, 1], dtype=np.float64, seed=0)
+    X = np.ones((4, 2))
+    loss = model._plan.compute_gradients(X, np.full((4, 1), 1e300), 0, 1.0, 0, calls.append)
+    assert not np.isfinite(loss) and calls == []
+    model._plan.compute_gradients(X[:0], X[:0, :1], 0, 0.0, 4, calls.append)  # an empty shard
+    assert calls == []
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 64, 400, 1100, 10**9])
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_gradient_buckets_partition_the_buffer_last_layer_first(
+    bucket_bytes: int, itemsize: int
+) -> None:
+    model = _bn_model()  # ops with and without parameters, BatchNorm's weight and bias
+    n = model._grads.size
+    buckets = gradient_buckets(model._ops, n, itemsize, bucket_bytes)
+    assert buckets is not None
+    assert buckets[0][2] == n and buckets[-1][1] == 0
+    for (op_a, lo_a, _), (op_b, _, hi_b) in itertools.pairwise(buckets):
+        assert hi_b == lo_a and op_b < op_a  # contiguous, later layers first
+    for ready_op, lo, hi in buckets[:-1]:  # all but the last hold at least bucket_bytes
+        assert (hi - lo) * itemsize >= bucket_bytes
+        # ready once op ready_op is differentiated: it is the lowest op the bucket holds
+        assert min(_op_ranges(model._ops[ready_op]))[0] == lo
+    assert buckets[-1][0] == 0
+    if bucket_bytes == 1:  # one bucket per op with parameters
+        assert len(buckets) == sum(1 for op in model._ops if _op_ranges(op))
+    if bucket_bytes == 10**9:
+        assert buckets == [(0, 0, n)]
+
+
+def test_gradient_buckets_refuse_a_layout_out_of_op_order() -> None:
+    linear = lambda w, b: (0, 0, 2, 3, w, b, -1, 0.0, 0.0)  # noqa: E731  (in 2, out 3: 6 + 3)
+    assert gradient_buckets([linear(0, 6), linear(9, 15)], 18, 4, 1) == [(1, 9, 18), (0, 0, 9)]
+    assert gradient_buckets([linear(9, 15), linear(0, 6)], 18, 4, 1) is None  # swapped
+    assert gradient_buckets([linear(0, 7), linear(10, 16)], 19, 4, 1) is None  # a gap
+    assert gradient_buckets([(1, 1, 4, 4, -1, -1, -1, 0.0, 0.0)], 1, 4, 1) is None  # no params
 
 
 # ---- fit(comm=...) with a stand-in 1-rank communicator -------------------------------------------
@@ -225,6 +339,62 @@ def test_one_rank_comm_nonfinite_matches_plain_fit() -> None:
     h_b = _fit(b, X, T, stop_on_nonfinite=False, comm=OneRankComm(), **kw)
     assert h_a["skipped_batches"] == h_b["skipped_batches"] == [1, 1]
     np.testing.assert_array_equal(a._params, b._params)
+
+
+def test_overlap_needs_the_allreduce_path() -> None:
+    X, y = _data(20)
+    with pytest.raises(ValueError, match="deterministic=False"):
+        _fit(_model(), X, y, comm=OneRankComm(), deterministic=True, overlap=True)
+    # one rank: nothing to reduce, so nothing to overlap; the same bits as plain fit
+    plain, dist = _model(), _model()
+    _fit(plain, X, y)
+    _fit(dist, X, y, comm=OneRankComm(), overlap=True)
+    np.testing.assert_array_equal(dist._params, plain._params)
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_estimator_fit_with_one_rank_comm_equals_plain_fit(kind: str, early_stopping: bool) -> None:
+    X, labels = _data(120)
+    y = labels if kind == "classifier" else X[:, :2] @ np.array([1.0, -2.0]) + 0.1 * labels
+    make = fastbp.MLPClassifier if kind == "classifier" else fastbp.MLPRegressor
+    params: dict[str, Any] = {
+        "hidden_layer_sizes": (9,),
+        "max_iter": 6,
+        "batch_size": 16,
+        "random_state": 0,
+        "early_stopping": early_stopping,
+        "n_iter_no_change": 100,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: max_iter is small on purpose
+        plain = make(**params).fit(X, y)
+        comm = OneRankComm()
+        dist = make(**params).fit(X, y, comm=comm)
+        partial = make(**{**params, "early_stopping": False})
+        if kind == "classifier":
+            partial.partial_fit(X, y, classes=[0, 1, 2], comm=comm)
+        else:
+            partial.partial_fit(X, y, comm=comm)
+    np.testing.assert_array_equal(dist.model_._params, plain.model_._params)
+    assert dist.loss_curve_ == pytest.approx(plain.loss_curve_, rel=1e-12)
+    assert dist.n_iter_ == plain.n_iter_
+    assert comm.calls["bcast"] >= 6  # the seed, and each epoch's loss
+    if early_stopping:
+        assert dist.validation_scores_ == plain.validation_scores_
+    assert partial.n_iter_ == 1
+
+
+def test_estimator_distributed_options_are_checked() -> None:
+    X, y = _data(30)
+    clf = fastbp.MLPClassifier(max_iter=1)
+    with pytest.raises(ValueError, match="pass comm"):
+        clf.fit(X, y, deterministic=True)
+    with pytest.raises(ValueError, match="pass comm"):
+        clf.fit(X, y, overlap=True)
+    with pytest.raises(TypeError, match="MPI communicator"):
+        clf.fit(X, y, comm=object())
+    assert not clf.__sklearn_is_fitted__()
 
 
 def test_cli_distributed_without_mpi4py_is_one_line(monkeypatch, capsys) -> None:
@@ -346,3 +516,72 @@ def test_mpi_cli_rank0_prints_and_saves(capsys, tmp_path) -> None:
     else:
         assert out == ""
     comm.Barrier()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bucket_bytes", [1, 200])
+def test_mpi_overlap_equals_blocking_allreduce(monkeypatch, dtype: Any, bucket_bytes: int) -> None:
+    comm = _world()
+    monkeypatch.setattr(fastbp.distributed, "BUCKET_BYTES", bucket_bytes)  # several buckets
+    X, y = _data(101, dtype)
+    blocking, overlapped = _model(0.3, dtype), _model(0.3, dtype)
+    h_b = _fit(blocking, X, y, batch_size=12, comm=comm)
+    h_o = _fit(overlapped, X, y, batch_size=12, comm=comm, overlap=True)
+    if comm.Get_size() == 2:  # a + b == b + a: the bucketed sums are the whole buffer's bits
+        assert _all_ok(comm, np.array_equal(overlapped._params, blocking._params))
+    else:  # MPI may pick another reduction order per message size
+        assert _all_ok(comm, np.allclose(overlapped._params, blocking._params, rtol=1e-4))
+    assert _all_ok(comm, np.allclose(h_o["loss"], h_b["loss"], rtol=1e-6))
+    assert _same_on_all_ranks(comm, overlapped._params)
+    single = _model(0.3, dtype)
+    _fit(single, X, y, batch_size=12)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert _all_ok(comm, np.allclose(overlapped._params, single._params, rtol=tol, atol=tol))
+
+
+def test_mpi_overlap_nonfinite_on_one_rank_stops_all_ranks(monkeypatch) -> None:
+    comm = _world()
+    monkeypatch.setattr(fastbp.distributed, "BUCKET_BYTES", 1)
+    X = np.ones((8, 2))
+    T = np.zeros((8, 1))
+    T[0] = 1e300  # rank 0's backward does not run: it must still start the same buckets
+    make = lambda: fastbp.MLP([2, 3, 1], dtype=np.float64, seed=0)  # noqa: E731
+    model = make()
+    h = _fit(model, X, T, loss="mse", batch_size=4, shuffle=False, comm=comm,
+             stop_on_nonfinite=False, overlap=True)  # fmt: skip
+    assert _all_ok(comm, h["skipped_batches"] == [1, 1])
+    assert _same_on_all_ranks(comm, model._params)
+    reference = make()
+    _fit(reference, X, T, loss="mse", batch_size=4, shuffle=False, comm=comm,
+         stop_on_nonfinite=False)  # fmt: skip
+    assert _all_ok(comm, np.array_equal(model._params, reference._params))
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_mpi_estimator_fit_equals_single_process(capsys, early_stopping: bool) -> None:
+    comm = _world()
+    X, y = _data(150)
+    params: dict[str, Any] = {
+        "hidden_layer_sizes": (12,),
+        "max_iter": 5,
+        "batch_size": 20,
+        "early_stopping": early_stopping,
+        "n_iter_no_change": 100,
+        "dtype": "float64",
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: max_iter is small on purpose
+        single = fastbp.MLPClassifier(random_state=4, **params).fit(X, y)
+        capsys.readouterr()
+        # rank 0's random_state wins: the other ranks' differ, even None
+        rs = 4 if comm.Get_rank() == 0 else (None if comm.Get_rank() % 2 else 99)
+        dist = fastbp.MLPClassifier(random_state=rs, verbose=True, **params)
+        dist.fit(X, y, comm=comm)
+    out = capsys.readouterr().out
+    ok = np.allclose(dist.model_._params, single.model_._params, rtol=1e-10, atol=1e-12)
+    ok = ok and dist.n_iter_ == single.n_iter_
+    ok = ok and np.allclose(dist.loss_curve_, single.loss_curve_, rtol=1e-10)
+    assert _all_ok(comm, ok)
+    assert _same_on_all_ranks(comm, dist.model_._params)
+    assert _all_ok(comm, ("Iteration 5" in out) == (comm.Get_rank() == 0))
+    assert _all_ok(comm, np.array_equal(dist.predict(X), single.predict(X)))

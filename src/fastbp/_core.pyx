@@ -18,6 +18,7 @@ cdef extern from "fastbp.h" nogil:
         FBP_ERR_UNSUPPORTED
         FBP_ERR_NONFINITE
         FBP_ERR_STATE
+        FBP_ERR_INTERRUPTED
     ctypedef enum fbp_activation:
         pass
     ctypedef enum fbp_isa:
@@ -84,7 +85,8 @@ cdef extern from "fastbp.h" nogil:
     fbp_status fbp_plan_loss(fbp_plan *plan, double *loss, void *dout, const void *target, int64_t batch, fbp_loss loss_kind)
     fbp_status fbp_plan_update(fbp_plan *plan, fbp_optimizer *opt)
     fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, fbp_loss loss_kind, fbp_optimizer *opt)
-    fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, int64_t row_offset, fbp_loss loss_kind, double grad_scale)
+    ctypedef int (*fbp_grads_ready_fn)(void *ctx, int32_t op) noexcept nogil
+    fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, int64_t row_offset, fbp_loss loss_kind, double grad_scale, fbp_grads_ready_fn grads_ready, void *ctx)
     fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch, const void *X, const void *Y, int64_t n, const int64_t *order, int64_t batch_size, int64_t first, int64_t count, fbp_loss loss_kind, fbp_optimizer *opt)
     fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X, const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind)
     void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed)
@@ -349,6 +351,19 @@ cdef class OptimizerState:
         self.opt.step = value
 
 
+cdef int _grads_ready(void *ctx, int32_t op) noexcept nogil:
+    """compute_gradients' hook: calls hook[0](op); an exception is kept in hook[1] and stops
+    the backward (C sees nonzero)."""
+    with gil:
+        hook = <list>ctx
+        try:
+            hook[0](op)
+        except BaseException as exc:
+            hook[1] = exc
+            return 1
+    return 0
+
+
 cdef class Plan:
     """A model's op list in C, bound to its flat parameter, gradient and buffer arrays.
 
@@ -450,21 +465,31 @@ cdef class Plan:
         return value
 
     def compute_gradients(self, x, target, int loss_kind, double grad_scale=1.0,
-                          int64_t row_offset=0):
+                          int64_t row_offset=0, grads_ready=None):
         """zero_grad, forward, loss, backward (no update): grads = grad_scale * d(mean loss).
 
         Returns the local mean loss. A non-finite loss is returned, not raised (the gradients are
         then zero), so that a distributed caller can agree with its peers before stopping.
         ``row_offset`` is the rows' place in the global batch (dropout masks); 0 rows is allowed.
+        ``grads_ready(op)``, when given, is called (with the GIL) as soon as op ``op``'s parameter
+        gradients are final, last op first; an exception it raises stops the backward and is
+        re-raised here.
         """
         cdef int64_t rows = x.shape[0]
         cdef const void *xp = data_ptr(x) if rows > 0 else NULL
         cdef const void *tp = data_ptr(target) if rows > 0 else NULL
         cdef double value = 0
         cdef fbp_status status
+        cdef list hook = [grads_ready, None]  # [callable, the exception it raised]
+        cdef fbp_grads_ready_fn ready = NULL
+        if grads_ready is not None:
+            ready = _grads_ready
+        cdef void *ctx = <void *>hook
         with nogil:
             status = fbp_plan_compute_gradients(self.plan, &value, xp, tp, rows, row_offset,
-                                                <fbp_loss>loss_kind, grad_scale)
+                                                <fbp_loss>loss_kind, grad_scale, ready, ctx)
+        if status == FBP_ERR_INTERRUPTED:
+            raise hook[1]
         if status == FBP_ERR_NONFINITE:
             return value
         check(status, "compute_gradients")

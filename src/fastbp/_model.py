@@ -496,6 +496,7 @@ class Sequential(Module):
         stop_on_nonfinite: bool = True,
         comm: object = None,
         deterministic: bool = False,
+        overlap: bool = False,
     ) -> History:
         """Train for ``epochs`` epochs; each epoch runs in C (shuffle, gather, forward, loss,
         backward, update) and returns to Python only to report progress.
@@ -515,8 +516,11 @@ class Sequential(Module):
         every step, and every rank applies the same update; rank 0 alone prints and calls the
         callbacks. N ranks train what one process would, to rounding (BatchNorm1d is refused).
         ``deterministic=True`` sums the gradients in rank order on rank 0 (gather, add,
-        broadcast) instead of MPI's Allreduce, so repeated runs are bitwise identical. See
-        :mod:`fastbp.distributed`.
+        broadcast) instead of MPI's Allreduce, so repeated runs are bitwise identical.
+        ``overlap=True`` starts each layer's reduction (``Iallreduce``) as soon as backward has
+        its gradient, while the earlier layers are still differentiated; it pays when the MPI
+        library progresses in the background (RDMA networks, a progress thread), not over
+        shared memory with every core computing. See :mod:`fastbp.distributed`.
         """
         from .optim import Adam
 
@@ -553,6 +557,7 @@ class Sequential(Module):
                 Ya,
                 comm=comm,
                 deterministic=bool(deterministic),
+                overlap=bool(overlap),
                 loss_obj=loss_obj,
                 optimizer=optimizer,
                 state=state,

@@ -9,16 +9,23 @@ weights stay identical without ever being sent again. ``batch_size`` therefore m
 with 1 or N processes, and N ranks train the model one process would (to rounding; bitwise with
 one rank).
 
-Communication per step: the gradient buffer (one ``Allreduce``, or ``Gather`` + ``Bcast`` with
-``deterministic=True``) and two doubles (the loss and a non-finite flag). It is not overlapped
-with the backward pass: backward runs inside one C call (``fbp_plan_compute_gradients``) that does
-not return between layers. Overlap would need the C plan to call back (or signal a flag) after
-each layer's weight gradient is written, so that a per-layer ``Iallreduce`` could start while the
-earlier layers are still being differentiated, and a ``Waitall`` before the update; for the MLPs
-fastbp trains, the measured Allreduce time is small next to the step (see bench/mpi_bench.py).
+Communication per step: the gradient buffer and two doubles (the loss and a non-finite flag),
+by default one in-place ``Allreduce`` after backward (``deterministic=True``: ``Gather`` + a sum
+in rank order + ``Bcast``). With ``overlap=True`` the reduction overlaps the backward pass: the C
+backward calls back as soon as a layer's weight and bias gradients are final (before it computes
+that layer's input gradient), and the gradients ready so far are reduced by a non-blocking
+``Iallreduce`` per bucket (whole layers, at least ``BUCKET_BYTES``, the same partition on every
+rank) while the earlier layers are still being differentiated; a ``Waitall`` precedes the update.
+That pays only when the MPI library moves data while the rank computes (an RDMA network, or a
+progress thread on a spare core, e.g. MPICH's ``MPIR_CVAR_ASYNC_PROGRESS=1``). On one node over
+shared memory with every core computing, a non-blocking collective progresses only inside MPI
+calls, so there is nothing to overlap with and the extra messages cost a little (measured on a
+2-core machine, W3 at batch 128, 2 ranks: 0.86 ms per step without, 0.88 with; see
+bench/mpi_bench.py and the README). Hence it is off by default.
 
 Only the communicator methods that mpi4py's ``Comm`` has are used (``Get_rank``, ``Get_size``,
-``Allreduce``, ``Gather``, ``Bcast``, ``bcast``), so any object implementing them works.
+``Allreduce``, ``Gather``, ``Bcast``, ``bcast``; ``overlap=True`` needs mpi4py and ``Iallreduce``),
+so any object implementing them works.
 """
 
 from __future__ import annotations
@@ -38,9 +45,15 @@ from .losses import Loss
 if TYPE_CHECKING:
     from ._model import History, Sequential
 
-__all__ = ["grad_scale", "shard_bounds", "shard_rows"]
+__all__ = ["BUCKET_BYTES", "grad_scale", "gradient_buckets", "shard_bounds", "shard_rows"]
 
 _MSE_SUM = 1  # fbp_loss FBP_LOSS_MSE_SUM: a sum over rows, so shards add without scaling
+_OP_LINEAR, _OP_BATCHNORM = 0, 3  # fbp_op_kind
+
+BUCKET_BYTES = 64 * 1024
+"""The least gradient bytes per overlapped ``Iallreduce`` (``overlap=True``): whole layers, last
+first, are added to a bucket until it holds this much. Larger buckets mean fewer messages,
+smaller ones an earlier start."""
 
 
 def shard_bounds(rows: int, size: int, rank: int) -> tuple[int, int]:
@@ -69,6 +82,43 @@ def grad_scale(local_rows: int, batch_rows: int, mean_loss: bool = True) -> floa
     if batch_rows <= 0 or not 0 <= local_rows <= batch_rows:
         raise ValueError(f"bad shard: {local_rows} of {batch_rows} rows")
     return local_rows / batch_rows if mean_loss else 1.0
+
+
+def _op_param_ranges(op: tuple) -> list[tuple[int, int]]:
+    """The ``[lo, hi)`` ranges of the flat parameter buffer that a plan op owns."""
+    kind, _act, in_features, out_features, weight, bias = op[:6]
+    if kind == _OP_LINEAR:
+        sizes = (in_features * out_features, out_features)
+    elif kind == _OP_BATCHNORM:
+        sizes = (out_features, out_features)
+    else:
+        return []
+    return [(lo, lo + n) for lo, n in zip((weight, bias), sizes, strict=True) if lo >= 0]
+
+
+def gradient_buckets(
+    ops: Sequence[tuple], n_params: int, itemsize: int, bucket_bytes: int = BUCKET_BYTES
+) -> list[tuple[int, int, int]] | None:
+    """The overlapped reduction's buckets, in the order they become ready (last layer first):
+    ``(ready_op, lo, hi)`` = the gradients ``[lo, hi)`` are final once op ``ready_op`` has been
+    differentiated. Together they cover ``[0, n_params)``. ``None`` when the plan's parameters
+    are not laid out in op order (nothing to overlap then) or there are none.
+    """
+    buckets: list[tuple[int, int, int]] = []
+    lo = hi = n_params
+    for index in range(len(ops) - 1, -1, -1):
+        for r_lo, r_hi in sorted(_op_param_ranges(ops[index]), reverse=True):
+            if r_hi != lo:
+                return None
+            lo = r_lo
+        if hi - lo > 0 and (hi - lo) * itemsize >= bucket_bytes:
+            buckets.append((index, lo, hi))
+            hi = lo
+    if hi > lo:
+        buckets.append((0, lo, hi))
+    if lo != 0 or not buckets:
+        return None
+    return buckets
 
 
 def _mpi_constants() -> tuple[Any, Any]:
@@ -115,6 +165,49 @@ class _Reducer:
         self.comm.Bcast(buf, root=0)
 
 
+class _OverlappedAllreduce:
+    """Reduces the gradient buffer bucket by bucket while backward runs: ``ready`` is the C
+    hook (op ``op``'s gradients are final), ``finish`` starts what is left and waits for all.
+    Every rank starts the same buckets in the same order, also a rank whose backward did not
+    run (an empty shard or a non-finite loss), so the collectives always match."""
+
+    def __init__(self, comm: Any, grads: np.ndarray, buckets: list[tuple[int, int, int]]) -> None:
+        from mpi4py import MPI
+
+        self.comm = comm
+        self.request_type = MPI.Request
+        self.in_place, self.sum_op = MPI.IN_PLACE, MPI.SUM
+        self.views = [(ready_op, grads[lo:hi]) for ready_op, lo, hi in buckets]
+        self.requests: list[Any] = []
+
+    def _start_through(self, op: int) -> None:
+        while len(self.requests) < len(self.views) and self.views[len(self.requests)][0] >= op:
+            view = self.views[len(self.requests)][1]
+            self.requests.append(self.comm.Iallreduce(self.in_place, view, op=self.sum_op))
+
+    def ready(self, op: int) -> None:
+        self._start_through(op)
+        self.request_type.Testall(self.requests)  # lets MPI progress the ones in flight
+
+    def finish(self) -> None:
+        self._start_through(-1)
+        self.request_type.Waitall(self.requests)
+        self.requests.clear()
+
+
+def _overlap_for(model: Sequential, comm: Any, overlap: bool) -> _OverlappedAllreduce | None:
+    """The overlapped reduction when asked for and there is something to overlap: several
+    ranks and at least two buckets."""
+    if not overlap or comm.Get_size() == 1:
+        return None
+    if not hasattr(comm, "Iallreduce"):
+        raise TypeError("overlap=True needs a communicator with Iallreduce (mpi4py's Comm)")
+    buckets = gradient_buckets(model._ops, model._grads.size, model._grads.itemsize, BUCKET_BYTES)
+    if buckets is None or len(buckets) < 2:
+        return None
+    return _OverlappedAllreduce(comm, model._grads, buckets)
+
+
 def _agree(comm: Any, reducer: _Reducer, mismatch: bool, message: str) -> None:
     """Raise ValueError(message) on every rank when any rank reports a mismatch."""
     flag = np.array([1.0 if mismatch else 0.0])
@@ -130,6 +223,7 @@ def fit_distributed(
     *,
     comm: Any,
     deterministic: bool,
+    overlap: bool,
     loss_obj: Loss,
     optimizer: Any,
     state: _core.OptimizerState,
@@ -150,6 +244,11 @@ def fit_distributed(
     """
     from ._model import History
 
+    if deterministic and overlap:
+        raise ValueError(
+            "overlap=True needs deterministic=False: the deterministic reduction sums the whole "
+            "buffer in rank order after backward"
+        )
     rank, size = comm.Get_rank(), comm.Get_size()
     reducer = _Reducer(comm, deterministic)
     if size > 1 and model._bn_ops:
@@ -175,6 +274,8 @@ def fit_distributed(
     reporting = rank == 0
     batch_hooks = [cb for cb in callbacks if hasattr(cb, "on_batch_end")] if reporting else []
     plan = model._plan
+    overlapped = _overlap_for(model, comm, overlap)
+    hook = overlapped.ready if overlapped is not None else None
     rows_max = min(batch_size, n)
     width = shard_rows(rows_max, size, 0)
     xbuf = np.empty((width, Xa.shape[1]), dtype=Xa.dtype)
@@ -200,11 +301,14 @@ def fit_distributed(
                 np.take(Xa, idx, axis=0, out=xbuf[:k])
                 np.take(Ya, idx, axis=0, out=ybuf[:k])
                 scale = grad_scale(k, rows, mean_loss)
-                local = plan.compute_gradients(xbuf[:k], ybuf[:k], loss_obj.kind, scale, lo)
+                local = plan.compute_gradients(xbuf[:k], ybuf[:k], loss_obj.kind, scale, lo, hook)
                 finite = math.isfinite(local)
                 stats[0] = local * scale if finite else 0.0
                 stats[1] = 0.0 if finite else 1.0
-                reducer.sum(model._grads)
+                if overlapped is not None:
+                    overlapped.finish()
+                else:
+                    reducer.sum(model._grads)
                 reducer.sum(stats)
                 if stats[1] > 0:  # some rank's loss was not finite: all ranks agree to skip
                     if stop_on_nonfinite:

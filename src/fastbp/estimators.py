@@ -202,6 +202,38 @@ def _r2_score(y: np.ndarray, pred: np.ndarray, sample_weight: np.ndarray | None)
     return float(scores.mean())
 
 
+class _Distributed:
+    """How an estimator's ``fit(..., comm=...)`` trains: the communicator and the options that
+    :meth:`fastbp.Sequential.fit` takes with it. Held for the call only, never pickled."""
+
+    def __init__(self, comm: object, deterministic: bool, overlap: bool) -> None:
+        for method in ("Get_rank", "Get_size", "bcast"):
+            if not callable(getattr(comm, method, None)):
+                raise TypeError(
+                    f"comm must be an MPI communicator such as mpi4py's MPI.COMM_WORLD; "
+                    f"{type(comm).__name__} has no {method}()"
+                )
+        self.comm = comm
+        self.deterministic = bool(deterministic)
+        self.overlap = bool(overlap)
+        self.reporting = comm.Get_rank() == 0  # type: ignore[attr-defined]
+
+    def fit_kwargs(self) -> dict[str, Any]:
+        return {"comm": self.comm, "deterministic": self.deterministic, "overlap": self.overlap}
+
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (each decision that must agree)."""
+        return self.comm.bcast(value, root=0)  # type: ignore[attr-defined]
+
+
+def _distributed(comm: object, deterministic: bool, overlap: bool) -> _Distributed | None:
+    if comm is None:
+        if deterministic or overlap:
+            raise ValueError("deterministic and overlap apply to distributed fits: pass comm")
+        return None
+    return _Distributed(comm, deterministic, overlap)
+
+
 class _BaseMLP:
     """The estimator protocol and the training loop shared by the two estimators."""
 
@@ -540,8 +572,11 @@ class _BaseMLP:
         )
         return 0.5 * float(self.alpha) * total * math.ceil(n_samples / batch) / n_samples
 
-    def _one_epoch(self, X: np.ndarray, Y: np.ndarray, batch: int) -> float:
-        """One epoch in fastbp's C loop; returns the loss in scikit-learn's convention."""
+    def _one_epoch(
+        self, X: np.ndarray, Y: np.ndarray, batch: int, dist: _Distributed | None = None
+    ) -> float:
+        """One epoch in fastbp's C loop; returns the loss in scikit-learn's convention.
+        ``dist``: train data-parallel over its communicator (every rank gets rank 0's loss)."""
         if self._optimizer is None or self._batch != batch:
             if self._optimizer is None:
                 self._optimizer = self._make_optimizer(batch)
@@ -558,14 +593,17 @@ class _BaseMLP:
             batch_size=batch,
             shuffle=bool(self.shuffle),
             seed=derive_seed(self._seed, 2, self._epochs_run),
+            **(dist.fit_kwargs() if dist is not None else {}),
         )
         self._epochs_run += 1
         self.n_iter_ += 1
         self.t_ += X.shape[0]
         loss = history["loss"][0] / self._loss_scale + self._l2_term(X.shape[0], batch)
+        if dist is not None:  # the stopping rule must decide the same on every rank
+            loss = dist.from_rank0(loss)
         self.loss_ = loss
         self.loss_curve_.append(loss)
-        if self.verbose:
+        if self.verbose and (dist is None or dist.reporting):
             print(f"Iteration {self.n_iter_}, loss = {loss:.8f}")
         return loss
 
@@ -593,7 +631,14 @@ class _BaseMLP:
         mask[val] = True
         return np.flatnonzero(~mask), np.flatnonzero(mask)
 
-    def _fit(self, X: object, y: object, incremental: bool, classes: object = None) -> _BaseMLP:
+    def _fit(
+        self,
+        X: object,
+        y: object,
+        incremental: bool,
+        classes: object = None,
+        dist: _Distributed | None = None,
+    ) -> _BaseMLP:
         self._validate_params()
         first = not (incremental and self.__sklearn_is_fitted__())
         if incremental and self.early_stopping:
@@ -604,14 +649,17 @@ class _BaseMLP:
         Y = self._encode_y(y, Xa.shape[0], reset=first, classes=classes)
         with _thread_limit(self.n_threads):
             if first:
-                self._initialize(Xa.shape[1], _seed_from(self.random_state))
+                seed = _seed_from(self.random_state)
+                if dist is not None:  # random_state=None draws per rank: take rank 0's
+                    seed = dist.from_rank0(seed)
+                self._initialize(Xa.shape[1], seed)
             if incremental:
-                self._one_epoch(Xa, Y, self._batch_for(Xa.shape[0], stacklevel=3))
+                self._one_epoch(Xa, Y, self._batch_for(Xa.shape[0], stacklevel=3), dist)
                 return self
-            self._train(Xa, Y)
+            self._train(Xa, Y, dist)
         return self
 
-    def _train(self, Xa: np.ndarray, Y: np.ndarray) -> None:
+    def _train(self, Xa: np.ndarray, Y: np.ndarray, dist: _Distributed | None = None) -> None:
         no_improvement = 0
         if self.early_stopping:
             train, val = self._split(Y, Xa.shape[0], self._seed)
@@ -623,11 +671,13 @@ class _BaseMLP:
             best_weights = self.model_.state_dict()
         batch = self._batch_for(Xa.shape[0], stacklevel=4)
         for _ in range(int(self.max_iter)):
-            loss = self._one_epoch(Xa, Y, batch)
+            loss = self._one_epoch(Xa, Y, batch, dist)
             if self.early_stopping:
                 score = self._score_arrays(X_val, Y_val)
+                if dist is not None:
+                    score = dist.from_rank0(score)
                 self.validation_scores_.append(score)
-                if self.verbose:
+                if self.verbose and (dist is None or dist.reporting):
                     print(f"Validation score: {score:f}")
                 no_improvement = (
                     no_improvement + 1 if score < self.best_validation_score_ + self.tol else 0
@@ -639,7 +689,7 @@ class _BaseMLP:
                 no_improvement = no_improvement + 1 if loss > self.best_loss_ - self.tol else 0
                 self.best_loss_ = min(self.best_loss_, loss)
             if no_improvement > self.n_iter_no_change:
-                if self.verbose:
+                if self.verbose and (dist is None or dist.reporting):
                     what = "Validation score" if self.early_stopping else "Training loss"
                     print(
                         f"{what} did not improve more than tol={self.tol:f} for "
@@ -838,16 +888,45 @@ class MLPClassifier(_BaseMLP):
             )
         return index.astype(np.int64)
 
-    def fit(self, X: object, y: object) -> MLPClassifier:
-        """Train from scratch for up to ``max_iter`` epochs (see the stopping rule)."""
-        return self._fit(X, y, incremental=False)
+    def fit(
+        self,
+        X: object,
+        y: object,
+        *,
+        comm: object = None,
+        deterministic: bool = False,
+        overlap: bool = False,
+    ) -> MLPClassifier:
+        """Train from scratch for up to ``max_iter`` epochs (see the stopping rule).
 
-    def partial_fit(self, X: object, y: object, classes: object = None) -> MLPClassifier:
+        ``comm`` (an mpi4py communicator; every rank calls fit with the same data and
+        parameters) trains data-parallel as :meth:`fastbp.Sequential.fit` does, with
+        ``deterministic`` and ``overlap`` as there: ``batch_size`` is the global batch, every rank
+        ends with the same weights, and rank 0 alone prints."""
+        return self._fit(X, y, incremental=False, dist=_distributed(comm, deterministic, overlap))
+
+    def partial_fit(
+        self,
+        X: object,
+        y: object,
+        classes: object = None,
+        *,
+        comm: object = None,
+        deterministic: bool = False,
+        overlap: bool = False,
+    ) -> MLPClassifier:
         """One epoch over ``(X, y)``. The first call must pass ``classes`` (every label that
-        will ever occur), as in scikit-learn; later calls keep the weights and the optimizer."""
+        will ever occur), as in scikit-learn; later calls keep the weights and the optimizer.
+        ``comm``, ``deterministic``, ``overlap``: as in :meth:`fit`."""
         if not self.__sklearn_is_fitted__() and classes is None:
             raise ValueError("classes must be passed on the first call to partial_fit.")
-        return self._fit(X, y, incremental=True, classes=classes)
+        return self._fit(
+            X,
+            y,
+            incremental=True,
+            classes=classes,
+            dist=_distributed(comm, deterministic, overlap),
+        )
 
     def _logits(self, X: object) -> np.ndarray:
         return self._forward(X).astype(np.float64)
@@ -943,13 +1022,32 @@ class MLPRegressor(_BaseMLP):
             _check_finite(out, "y (after conversion to float32: values too large)")
         return out
 
-    def fit(self, X: object, y: object) -> MLPRegressor:
-        """Train from scratch for up to ``max_iter`` epochs (see the stopping rule)."""
-        return self._fit(X, y, incremental=False)
+    def fit(
+        self,
+        X: object,
+        y: object,
+        *,
+        comm: object = None,
+        deterministic: bool = False,
+        overlap: bool = False,
+    ) -> MLPRegressor:
+        """Train from scratch for up to ``max_iter`` epochs (see the stopping rule).
+        ``comm``, ``deterministic``, ``overlap``: data-parallel training, as in
+        :meth:`MLPClassifier.fit`."""
+        return self._fit(X, y, incremental=False, dist=_distributed(comm, deterministic, overlap))
 
-    def partial_fit(self, X: object, y: object) -> MLPRegressor:
-        """One epoch over ``(X, y)``; later calls keep the weights and the optimizer."""
-        return self._fit(X, y, incremental=True)
+    def partial_fit(
+        self,
+        X: object,
+        y: object,
+        *,
+        comm: object = None,
+        deterministic: bool = False,
+        overlap: bool = False,
+    ) -> MLPRegressor:
+        """One epoch over ``(X, y)``; later calls keep the weights and the optimizer.
+        ``comm``, ``deterministic``, ``overlap``: as in :meth:`fit`."""
+        return self._fit(X, y, incremental=True, dist=_distributed(comm, deterministic, overlap))
 
     def predict(self, X: object) -> np.ndarray:
         """Predictions ``(n_samples,)`` for one output, else ``(n_samples, n_outputs_)``."""
