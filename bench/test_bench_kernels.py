@@ -555,3 +555,80 @@ def test_optimizer_step(run_benchmark, case: OptimCase, contender: str) -> None:
         shape=f"({N_PARAMS},)", nbytes=case.arrays_moved * p0.nbytes,
         torch_optim_kwargs=str(_TORCH_OPTIM_KW.get(contender, "n/a")),
     )  # fmt: skip
+
+
+# ---- optimizer steps with decaying (subnormal) moments ------------------------------------------
+
+#: fastbp with its default subnormal flushing, fastbp with IEEE gradual underflow, torch (IEEE).
+DECAY_CONTENDERS = ("fastbp", "fastbp-ieee", "torch-forloop")
+DECAY_GROUP = "adam step, 1M f32 params, 10% of first moments subnormal (zero gradient)"
+
+
+@functools.lru_cache(maxsize=1)
+def _decay_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """p, g, m, v and the float64 reference parameters after one Adam step (step 50).
+
+    Every 10th weight has a zero gradient and a first moment below float32's smallest normal
+    number: what a rarely lit input pixel's weight looks like after a few epochs (9% of W3's
+    first moments by its third epoch). Its parameter moves by less than 1e-30: not at all in
+    float32, with or without flushing; the others follow the reference within the bound
+    derived for :func:`_optim_data`.
+    """
+    rng = _rng("decay")
+    tiny = np.finfo(F32).smallest_normal
+    p = rng.standard_normal(N_PARAMS, dtype=np.float32) * np.float32(0.1)
+    g = rng.standard_normal(N_PARAMS, dtype=np.float32)
+    m = rng.standard_normal(N_PARAMS, dtype=np.float32) * np.float32(0.1)
+    v = np.abs(rng.standard_normal(N_PARAMS, dtype=np.float32)) * np.float32(0.1)
+    g[::10] = 0
+    m[::10] = (tiny * rng.uniform(0.5, 0.99, m[::10].size)).astype(np.float32)
+    (b1, b2), t = ADAM["betas"], 50
+    m64 = b1 * m.astype(F64) + (1 - b1) * g
+    v64 = b2 * v.astype(F64) + (1 - b2) * g.astype(F64) ** 2
+    ref = p - ADAM["lr"] / (1 - b1**t) * m64 / (np.sqrt(v64 / (1 - b2**t)) + ADAM["eps"])
+    return p, g, m, v, ref
+
+
+@pytest.mark.parametrize("contender", DECAY_CONTENDERS)
+def test_optimizer_step_subnormal_moments(run_benchmark, contender: str) -> None:
+    """One Adam step whose first moments are 10% subnormal, the state reset before each round:
+    x86 takes a microcode assist on each multiply with a subnormal operand or result unless
+    the update flushes them (fastbp's default, :func:`fastbp.set_flush_denormal`)."""
+    import fastbp
+
+    p0, g, m0, v0, ref = _decay_data()
+    state = {"p": p0.copy(), "m": m0.copy(), "v": v0.copy()}
+    u32 = float(np.finfo(F32).eps) / 2
+    tol = 16 * u32 * (np.abs(p0) + np.abs(ref - p0)) + 1e-30
+
+    def reset() -> Callable[[], None]:
+        for name, src in (("p", p0), ("m", m0), ("v", v0)):
+            np.copyto(state[name], src)
+        if contender.startswith("torch"):
+            param = torch.nn.Parameter(torch.from_numpy(state["p"]))
+            param.grad = torch.from_numpy(g)
+            opt = torch.optim.Adam([param], **ADAM, foreach=False)
+            opt.state[param] = {
+                "step": torch.tensor(49.0),
+                "exp_avg": torch.from_numpy(state["m"]),
+                "exp_avg_sq": torch.from_numpy(state["v"]),
+            }
+            return opt.step
+        flush = contender == "fastbp"
+
+        def step() -> None:
+            previous = fastbp.get_flush_denormal()
+            fastbp.set_flush_denormal(flush)
+            try:
+                ops.adam_step(state["p"], g, state["m"], state["v"], step=50, **ADAM)
+            finally:
+                fastbp.set_flush_denormal(previous)
+
+        return step
+
+    reset()()
+    assert_within(state["p"], ref, tol, f"{contender} adam step with subnormal moments")
+    run_benchmark(
+        None, group=DECAY_GROUP, contender=contender, dtype="float32", shape=f"({N_PARAMS},)",
+        nbytes=7 * p0.nbytes, rounds=40, setup=reset,
+    )  # fmt: skip

@@ -115,6 +115,14 @@ int fbp_get_num_threads(void) {
     return n > 0 ? n : omp_get_max_threads();
 }
 
+static int flush_denormal = 1;
+
+void fbp_set_flush_denormal(int on) {
+    __atomic_store_n(&flush_denormal, on != 0, __ATOMIC_RELAXED);
+}
+
+int fbp_get_flush_denormal(void) { return __atomic_load_n(&flush_denormal, __ATOMIC_RELAXED); }
+
 int fbp_team_size(int64_t work, int64_t grain) {
     if (omp_in_parallel()) return 1; /* nested calls run inside the caller's team */
     int64_t useful = grain > 0 ? work / grain : work;

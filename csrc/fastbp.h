@@ -52,6 +52,14 @@ int fbp_isa_available(fbp_isa isa);
 /* 0 = follow OpenMP (OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl). */
 void fbp_set_num_threads(int n);
 int fbp_get_num_threads(void);
+/* Whether the optimizer updates (sgd_step, adam_step, and so fit and train_step) run with the
+ * x86 flush-to-zero and denormals-are-zero modes (default 1): a subnormal operand (|x| below
+ * FLT_MIN = 1.2e-38 for float, DBL_MIN for double) reads as 0 and a subnormal result is stored
+ * as 0. A moment decaying toward 0 otherwise spends ~150 steps as a subnormal, each multiply
+ * taking a ~100-cycle microcode assist. Set per call; the caller's own FP mode is restored.
+ * Not available (a no-op) on CPUs without SSE's MXCSR. */
+void fbp_set_flush_denormal(int on);
+int fbp_get_flush_denormal(void);
 /* Name and version of the OpenMP runtime the kernels were built against. */
 const char *fbp_openmp_info(void);
 

@@ -37,6 +37,22 @@ extern const fbp_table_f64 fbp_table_f64_generic, fbp_table_f64_avx2, fbp_table_
  * the count. */
 int fbp_team_size(int64_t work, int64_t grain);
 
+/* The calling thread's floating-point mode with flush-to-zero and denormals-are-zero set when
+ * fbp_get_flush_denormal() (MXCSR's FTZ and DAZ bits); fbp_fp_restore puts `saved` back. Each
+ * thread of a parallel region has its own mode, so each one enters and restores. */
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+static inline unsigned fbp_fp_flush_enter(void) {
+    const unsigned saved = _mm_getcsr();
+    if (fbp_get_flush_denormal()) _mm_setcsr(saved | 0x8040u); /* FTZ (bit 15) | DAZ (bit 6) */
+    return saved;
+}
+static inline void fbp_fp_restore(unsigned saved) { _mm_setcsr(saved); }
+#else
+static inline unsigned fbp_fp_flush_enter(void) { return 0; }
+static inline void fbp_fp_restore(unsigned saved) { (void)saved; }
+#endif
+
 /* A 64-byte aligned scratch buffer owned by the calling thread, grown on demand and reused,
  * so kernels do not allocate per call. Returns NULL when the allocation fails. The pointer is
  * valid until the same thread asks again. */

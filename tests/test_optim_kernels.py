@@ -16,12 +16,14 @@ steps, well inside "1e-13 relative to max|param|"; for float32 80 * 1.2e-7 = 9.5
 
 from __future__ import annotations
 
+import contextlib
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
+import fastbp
 from fastbp import ops
 from tests.conftest import eps, using_threads
 
@@ -418,6 +420,110 @@ def test_sgd_thread_count_independent(isa, dtype):
             ops.sgd_step(p, g, b, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
         results.append((p.tobytes(), b.tobytes()))
     assert results[0] == results[1]
+
+
+# ---- subnormals (fastbp.set_flush_denormal) ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def flushing(mode: bool):
+    previous = fastbp.get_flush_denormal()
+    fastbp.set_flush_denormal(mode)
+    try:
+        yield
+    finally:
+        fastbp.set_flush_denormal(previous)
+
+
+def _decaying_state(dtype, n: int = 257):
+    """Parameters, a zero gradient and moments that are subnormal (or about to become so): a
+    weight whose input is never lit, whose moments only decay."""
+    info = np.finfo(dtype)
+    tiny = dtype.type(info.smallest_normal)
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(n).astype(dtype)
+    m = (tiny * rng.uniform(0.01, 0.99, n)).astype(dtype)  # subnormal
+    m[::3] = tiny * dtype.type(1.05)  # normal now, subnormal after one decay by beta1
+    v = np.abs(rng.standard_normal(n)).astype(dtype) * dtype.type(1e-4)
+    return p, np.zeros(n, dtype), m, v
+
+
+def test_flush_denormal_setting():
+    assert fastbp.get_flush_denormal() is True  # the default
+    with flushing(False):
+        assert fastbp.get_flush_denormal() is False
+        assert fastbp.get_config()["flush_denormal"] is False
+    assert fastbp.get_config()["flush_denormal"] is True
+    with pytest.raises(TypeError, match="bool"):
+        fastbp.set_flush_denormal("no")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_updates_flush_subnormal_moments_to_zero(isa, dtype, threads):
+    """Flushing on: no subnormal is stored (IEEE keeps them, as torch does): a subnormal moment
+    reads as 0, and every stored value is 0 or normal and within the smallest normal number of
+    IEEE's. (Without an FMA, a moment just above it may stop decaying: 0.1 * m flushes to 0.)
+    The parameter, which such a moment moves by far less than an ulp, is bitwise IEEE's."""
+    n = 2**17 + 5 if threads == 2 else 257  # large enough to split between two threads
+    results = {}
+    for mode in (True, False):
+        p, g, m, v = _decaying_state(dtype, n)
+        b = m.copy()
+        with flushing(mode), using_threads(threads):
+            ops.adam_step(p, g, m, v, step=7)
+            ops.sgd_step(p, g, b, lr=0.1, momentum=0.9)
+        results[mode] = (p, m, v, b)
+    tiny = np.finfo(dtype).smallest_normal
+    p_ieee, m_ieee, v_ieee, b_ieee = results[False]
+    p_ftz, m_ftz, v_ftz, b_ftz = results[True]
+    p0, _, m0, _ = _decaying_state(dtype, n)
+    for ieee, ftz in ((m_ieee, m_ftz), (b_ieee, b_ftz)):
+        assert (ieee != 0).all() and (np.abs(ieee) < tiny).all()  # IEEE: gradual underflow
+        assert ((ftz == 0) | (np.abs(ftz) >= tiny)).all()  # flushing: none stored
+        assert not ftz[np.abs(m0) < tiny].any()  # a subnormal moment reads as 0
+        assert (np.abs(ftz.astype(np.float64) - ieee) < tiny).all()
+    # IEEE's decayed moment is beta * m, to an ulp
+    assert np.abs(m_ieee.astype(np.float64) - 0.9 * m0.astype(np.float64)).max() <= 2 * (
+        np.finfo(dtype).smallest_subnormal
+    )
+    np.testing.assert_array_equal(v_ftz, v_ieee)  # normal values: the same bits
+    np.testing.assert_array_equal(p_ftz, p_ieee)
+    np.testing.assert_array_equal(p_ftz, p0)  # the zero gradient moved nothing visible
+
+
+def test_flushing_leaves_normal_results_unchanged(isa, dtype):
+    """Random normal-range data: the update is bitwise the same with and without flushing."""
+    rng = np.random.default_rng(12)
+    n = 1000
+    base = [rng.standard_normal(n).astype(dtype) for _ in range(3)]
+    base.append(np.abs(rng.standard_normal(n)).astype(dtype))
+    results = []
+    for mode in (True, False):
+        p, g, m, v = (a.copy() for a in base)
+        b = m.copy()
+        with flushing(mode):
+            ops.adam_step(p, g, m, v, step=5, weight_decay=1e-2)
+            ops.sgd_step(p, g, b, lr=0.1, momentum=0.9, nesterov=True)
+        results.append(b"".join(a.tobytes() for a in (p, m, v, b)))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_flushing_restores_the_callers_fp_mode(threads):
+    """After a flushed update, float arithmetic elsewhere (NumPy in this thread, a GEMM on the
+    kernels' worker threads) still has gradual underflow."""
+    with using_threads(threads):
+        p, g, m, v = _decaying_state(np.dtype(np.float32), 2**18)
+        ops.adam_step(p, g, m, v, step=1)
+        ops.sgd_step(p, g, m, lr=0.1, momentum=0.9)
+        tiny = np.float32(np.finfo(np.float32).smallest_normal)
+        with np.errstate(under="ignore"):
+            assert tiny * np.float32(0.25) != 0  # this thread
+        # worker threads: a product whose entries are subnormal, large enough for a team
+        a = np.full((256, 256), 2.0**-70, np.float32)
+        b = np.full((256, 256), 2.0**-70, np.float32)
+        c = ops.gemm(a, b)
+        np.testing.assert_array_equal(c, np.full((256, 256), 256 * 2.0**-140, np.float32))
 
 
 # ---- layouts ----------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from . import _core
 __all__ = [
     "available_isas",
     "get_config",
+    "get_flush_denormal",
     "get_num_threads",
+    "set_flush_denormal",
     "set_num_threads",
     "show_config",
     "thread_limit",
@@ -68,6 +70,33 @@ def thread_limit(n: int | None) -> Iterator[None]:
         set_num_threads(previous)
 
 
+def set_flush_denormal(mode: bool) -> None:
+    """Whether the optimizer updates flush subnormal numbers to zero (default ``True``).
+
+    A first or second moment whose gradient is mostly zero (the weight of a rarely lit input
+    pixel, of a dead ReLU) decays toward zero and spends ~150 steps as a subnormal number
+    (below 1.2e-38 in float32), where every x86 multiply takes a ~100-cycle microcode assist:
+    by the third epoch of a Fashion-MNIST MLP with Adam, 9% of the first moments are
+    subnormal and an epoch takes 50% longer. With flushing, the updates (SGD, Adam, AdamW:
+    ``fit``, ``train_step``, ``optimizer.step()``, :func:`fastbp.ops.sgd_step` /
+    :func:`~fastbp.ops.adam_step`) read subnormal inputs as zero and store subnormal results as
+    zero, so each stored value differs from IEEE arithmetic (and torch) by less than the
+    smallest normal number (1.2e-38 in float32, 2.2e-308 in float64); normal results are
+    unchanged. ``False`` gives IEEE gradual underflow, like torch's default. Only the update
+    kernels change mode, and only while they run: the caller's floating-point mode is
+    restored. Process-wide; not thread-local. (torch's ``torch.set_flush_denormal`` is the
+    global equivalent.) No effect on CPUs without x86's MXCSR.
+    """
+    if not isinstance(mode, (bool, int)):
+        raise TypeError(f"set_flush_denormal: mode must be a bool, got {mode!r}")
+    _core.set_flush_denormal(bool(mode))
+
+
+def get_flush_denormal() -> bool:
+    """Whether the optimizer updates flush subnormals to zero (see :func:`set_flush_denormal`)."""
+    return _core.get_flush_denormal()
+
+
 def available_isas() -> list[str]:
     """Instruction sets whose kernels are compiled in and supported by this CPU."""
     return _core.available_isas()
@@ -81,6 +110,7 @@ def get_config() -> dict[str, object]:
         "available_isas": _core.available_isas(),
         "compiled_isas": list(_core.ISA_NAMES),
         "num_threads": _core.get_num_threads(),
+        "flush_denormal": _core.get_flush_denormal(),
         "openmp": _core.openmp_info(),
         "python": sys.version.split()[0],
         "machine": platform.machine(),

@@ -33,6 +33,8 @@ cdef extern from "fastbp.h" nogil:
     int fbp_isa_available(fbp_isa isa)
     void fbp_set_num_threads(int n)
     int fbp_get_num_threads()
+    void fbp_set_flush_denormal(int on)
+    int fbp_get_flush_denormal()
     const char *fbp_openmp_info()
 
     fbp_status fbp_gemm_f32(float *c, const float *a, const float *b, const float *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, float alpha, float beta, fbp_activation act)
@@ -147,6 +149,14 @@ def set_num_threads(int n):
 
 def get_num_threads():
     return fbp_get_num_threads()
+
+
+def set_flush_denormal(bint on):
+    fbp_set_flush_denormal(on)
+
+
+def get_flush_denormal():
+    return bool(fbp_get_flush_denormal())
 
 
 def openmp_info():

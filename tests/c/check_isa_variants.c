@@ -18,6 +18,7 @@ int fbp_team_size(int64_t w, int64_t g) {
     (void)g;
     return w > 300000 ? 2 : 1;
 }
+int fbp_get_flush_denormal(void) { return 1; }
 void *fbp_scratch(size_t b) {
     static __thread void *p;
     static __thread size_t s;
