@@ -40,6 +40,10 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
 #endif
 
 /* Below this many multiply-adds the packed path's fixed costs dominate: compute directly. */
+
+/* B rows the micro-kernel prefetches ahead: its slivers stream from L2 (1024^3 198 -> 202
+ * GFLOP/s, W3's first-layer products 1.5-3.5% faster). */
+#define GEMM_PREFETCH_ROWS 8
 #define GEMM_DIRECT_MAX_MACS (24 * 24 * 24)
 /* A thread is worth starting for this many multiply-adds (~5 us of one core's work). */
 #define GEMM_THREAD_GRAIN_MACS (1 << 19)
@@ -198,26 +202,38 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
     }
 }
 
-/* acc[MR][NV] = sum_p pa[p, :] (outer) pb[p * ldb, :]: B from a packed sliver (ldb = NR) or
- * straight from a row-major B (ldb = its row stride). */
-FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, const REAL *restrict pb,
-                                  int64_t kc, int64_t ldb) {
+/* acc[MR][NV] = sum_p A[:, p] (outer) pb[p * ldb, :], A[i, p] at pa[i * a_rs + p * a_cs]: a
+ * packed sliver (a_rs = 1, a_cs = MR) or a row-major A read in place (a_rs = its row stride,
+ * a_cs = 1); B from a packed sliver (ldb = NR) or straight from a row-major B (ldb = its row
+ * stride). Callers pass the packed strides as constants, so that case compiles as before. */
+FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int64_t a_rs,
+                                  int64_t a_cs, const REAL *restrict pb, int64_t kc, int64_t ldb) {
     VEC c[MR][NV];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) c[i][v] = V_(vbcast)(0);
+    /* Rows in groups of three from one base pointer each (offsets 0, a_rs, 2 a_rs: x86's
+     * base + index * 4 or 8 addressing), so an in-place A needs MR / 3 + 1 registers for its
+     * addresses instead of one per row (which spilled to the stack). */
+    const REAL *base[(MR + 2) / 3];
+#pragma GCC unroll 16
+    for (int g = 0; g < (MR + 2) / 3; g++) base[g] = pa + 3 * g * a_rs;
     for (int64_t p = 0; p < kc; p++) {
         VEC bv[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) bv[v] = V_(vload)(pb + v * VL);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++)
+            __builtin_prefetch(pb + GEMM_PREFETCH_ROWS * ldb + v * VL, 0, 3);
 #pragma GCC unroll 16
         for (int i = 0; i < MR; i++) {
-            VEC ai = V_(vbcast)(pa[i]);
+            VEC ai = V_(vbcast)(base[i / 3][(i % 3) * a_rs]);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) c[i][v] += ai * bv[v];
         }
-        pa += MR;
+#pragma GCC unroll 16
+        for (int g = 0; g < (MR + 2) / 3; g++) base[g] += a_cs;
         pb += ldb;
     }
 #pragma GCC unroll 16
@@ -229,12 +245,12 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, cons
 /* A whole MR x NR tile, the micro-kernel and the shared epilogue inlined into one piece so the
  * accumulators go from the FMAs to C without a trip through memory. `act` is a constant in each
  * caller below, so every activation gets its own copy with the switch folded away. */
-FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa,
-                                   const REAL *restrict pb, int64_t ldb, int64_t kc,
+FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa, int64_t a_rs,
+                                   int64_t a_cs, const REAL *restrict pb, int64_t ldb, int64_t kc,
                                    const REAL *bias, REAL alpha, REAL beta, int first, int last,
                                    fbp_activation act) {
     VEC acc[MR][NV];
-    LFN(micro_kernel)(acc, pa, pb, kc, ldb);
+    LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
@@ -243,25 +259,35 @@ FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa
                           beta, first, last, act);
 }
 
-static void LFN(full_tile)(REAL *c, int64_t ldc, const REAL *restrict pa, const REAL *restrict pb,
-                           int64_t ldb, int64_t kc, const REAL *bias, REAL alpha, REAL beta,
-                           int first, int last, fbp_activation act) {
+/* One copy per activation, and per A layout: a_rs == 0 is a packed A sliver, else A is read in
+ * place with row stride a_rs. */
+#define FULL_TILE_CASE(ACT)                                                                        \
+    do {                                                                                           \
+        if (a_rs == 0)                                                                             \
+            LFN(full_tile_act)(c, ldc, pa, 1, MR, pb, ldb, kc, bias, alpha, beta, first, last,     \
+                               ACT);                                                               \
+        else                                                                                       \
+            LFN(full_tile_act)(c, ldc, pa, a_rs, 1, pb, ldb, kc, bias, alpha, beta, first, last,   \
+                               ACT);                                                               \
+    } while (0)
+static void LFN(full_tile)(REAL *c, int64_t ldc, const REAL *restrict pa, int64_t a_rs,
+                           const REAL *restrict pb, int64_t ldb, int64_t kc, const REAL *bias,
+                           REAL alpha, REAL beta, int first, int last, fbp_activation act) {
     switch (last ? act : FBP_ACT_IDENTITY) {
     case FBP_ACT_SIGMOID:
-        LFN(full_tile_act)(c, ldc, pa, pb, ldb, kc, bias, alpha, beta, first, last,
-                           FBP_ACT_SIGMOID);
+        FULL_TILE_CASE(FBP_ACT_SIGMOID);
         break;
     case FBP_ACT_RELU:
-        LFN(full_tile_act)(c, ldc, pa, pb, ldb, kc, bias, alpha, beta, first, last, FBP_ACT_RELU);
+        FULL_TILE_CASE(FBP_ACT_RELU);
         break;
     case FBP_ACT_TANH:
-        LFN(full_tile_act)(c, ldc, pa, pb, ldb, kc, bias, alpha, beta, first, last, FBP_ACT_TANH);
+        FULL_TILE_CASE(FBP_ACT_TANH);
         break;
     default:
-        LFN(full_tile_act)(c, ldc, pa, pb, ldb, kc, bias, alpha, beta, first, last,
-                           FBP_ACT_IDENTITY);
+        FULL_TILE_CASE(FBP_ACT_IDENTITY);
     }
 }
+#undef FULL_TILE_CASE
 
 static void LFN(store_tile)(REAL *c, int64_t ldc, int64_t rows, int64_t cols, VEC acc[MR][NV],
                             const REAL *bias, REAL alpha, REAL beta, int first, int last,
@@ -343,11 +369,12 @@ static inline int64_t LFN(balanced_kc)(int64_t k) {
     return kc < KC ? kc : KC;
 }
 
-/* One thread's share of the packed GEMM; `team` threads run it together (barriers inside). */
-static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, const REAL *b,
-                                  const REAL *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a,
-                                  int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha,
-                                  REAL beta, fbp_activation act, REAL *packed_b, REAL *packed_a) {
+/* C (m x n) on the calling thread, packing into its own buffers: the loops over NC panels, KC
+ * blocks and MC blocks around the MR x NR tiles. */
+static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
+                              int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
+                              int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
+                              REAL *packed_b, REAL *packed_a) {
     const int64_t kc_step = LFN(balanced_kc)(k);
     /* A row-major B is read in place, not packed, when its slivers stream from L2 anyway
      * (GEMM_A_OUTER): packing was ~8% of a W3-sized GEMM. Whole slivers only; the ragged last
@@ -358,6 +385,12 @@ static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, con
     const size_t b_row_bytes = (size_t)rs_b * sizeof(REAL);
     const int direct_b =
         GEMM_A_OUTER && cs_b == 1 && b_row_bytes % 4096 != 0 && b_row_bytes < 16384 && m <= 32 * MR;
+    /* A row-major A is read in place too (BLIS's "sup"): its MR x KC sliver is the operand kept
+     * in L1 (GEMM_A_OUTER), as rows instead of an interleaved copy. Same conditions on the row
+     * stride as for B; full slivers only. */
+    const size_t a_row_bytes = (size_t)rs_a * sizeof(REAL);
+    const int direct_a =
+        GEMM_A_OUTER && cs_a == 1 && a_row_bytes % 4096 != 0 && a_row_bytes < 16384;
     {
         VEC acc[MR][NV];
         for (int64_t jc = 0; jc < n; jc += NC) {
@@ -366,29 +399,21 @@ static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, con
             for (int64_t pc = 0; pc < k; pc += kc_step) {
                 const int64_t kc = min_i64(kc_step, k - pc);
                 const int first = pc == 0, last = pc + kc == k;
-                int64_t lo, hi;
-                fbp_split_range(n_bs, team, tid, &lo, &hi);
-                for (int64_t s = lo; s < hi; s++) {
+                for (int64_t s = 0; s < n_bs; s++) {
                     if (direct_b && (s + 1) * NR <= nc) continue; /* read in place */
                     LFN(pack_b_sliver)(packed_b + s * NR * kc, b + pc * rs_b + (jc + s * NR) * cs_b,
                                        rs_b, cs_b, min_i64(NR, nc - s * NR), kc);
                 }
-#pragma omp barrier
                 for (int64_t ic = 0; ic < m; ic += MC) {
                     const int64_t mc = min_i64(MC, m - ic);
                     const int64_t n_as = (mc + MR - 1) / MR;
-                    fbp_split_range(n_as, team, tid, &lo, &hi);
-                    for (int64_t s = lo; s < hi; s++)
+                    for (int64_t s = 0; s < n_as; s++) {
+                        if (direct_a && (s + 1) * MR <= mc) continue; /* read in place */
                         LFN(pack_a_sliver)(packed_a + s * MR * kc,
                                            a + (ic + s * MR) * rs_a + pc * cs_a, rs_a, cs_a,
                                            min_i64(MR, mc - s * MR), kc);
-#pragma omp barrier
-                    /* Split the tile grid along N when it has enough slivers, else along M. */
-                    int64_t jr_lo = 0, jr_hi = n_bs, ir_lo = 0, ir_hi = n_as;
-                    if (n_bs >= team)
-                        fbp_split_range(n_bs, team, tid, &jr_lo, &jr_hi);
-                    else
-                        fbp_split_range(n_as, team, tid, &ir_lo, &ir_hi);
+                    }
+                    const int64_t jr_lo = 0, jr_hi = n_bs, ir_lo = 0, ir_hi = n_as;
                     /* GEMM_A_OUTER: each A sliver stays in L1 while the B slivers stream from
                      * the L2-resident panel; else each B sliver stays while A streams. */
                     const int64_t outer_n = GEMM_A_OUTER ? ir_hi - ir_lo : jr_hi - jr_lo;
@@ -405,42 +430,90 @@ static void LFN(gemm_packed_team)(int tid, int team, REAL *c, const REAL *a, con
                                 __builtin_prefetch(c + (i + r) * ldc + j, 1, 3);
                                 __builtin_prefetch(c + (i + r) * ldc + j + cols - 1, 1, 3);
                             }
-                            const REAL *pa = packed_a + ir * MR * kc;
+                            const int a_in_place = direct_a && (ir + 1) * MR <= mc;
+                            const REAL *pa =
+                                a_in_place ? a + i * rs_a + pc : packed_a + ir * MR * kc;
+                            const int64_t a_rs = a_in_place ? rs_a : 0;
                             const int b_in_place = direct_b && (jr + 1) * NR <= nc;
                             const REAL *pb =
                                 b_in_place ? b + pc * rs_b + j : packed_b + jr * NR * kc;
                             const int64_t ldb = b_in_place ? rs_b : NR;
                             const REAL *bias_j = bias ? bias + j : NULL;
                             if (rows == MR && cols == NR) {
-                                LFN(full_tile)(c + i * ldc + j, ldc, pa, pb, ldb, kc, bias_j, alpha,
-                                               beta, first, last, act);
+                                LFN(full_tile)(c + i * ldc + j, ldc, pa, a_rs, pb, ldb, kc, bias_j,
+                                               alpha, beta, first, last, act);
                                 continue;
                             }
-                            LFN(micro_kernel)(acc, pa, pb, kc, ldb);
+                            if (a_in_place)
+                                LFN(micro_kernel)(acc, pa, rs_a, 1, pb, kc, ldb);
+                            else
+                                LFN(micro_kernel)(acc, pa, 1, MR, pb, kc, ldb);
                             LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc, bias_j, alpha,
                                             beta, first, last, act);
                         }
                     }
-#pragma omp barrier
                 }
             }
         }
     }
 }
 
-static void LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
-                             int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
-                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
-                             REAL *packed_b, REAL *packed_a, int nthreads) {
-    /* No OpenMP region for one thread: even an if(0) region costs a trip through libgomp. */
+/* Threads split C into contiguous column ranges of whole NR slivers (or, when that balances
+ * worse, row ranges of whole MR slivers) and each computes its block alone, packing what it reads
+ * into its own buffers: no barriers and no packed data crossing cores (the L2-sized GEMMs of a
+ * W3 step ran no faster on 2 threads than on 1 when the threads shared packed panels), and every
+ * C element is summed exactly as on one thread. The operand both threads read (A for a column
+ * split) is read twice: in place, or packed by each. */
+static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *bias,
+                                   int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,
+                                   int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
+                                   fbp_activation act, size_t b_bytes, size_t a_bytes,
+                                   int nthreads) {
+    const int64_t col_parts = (n + NR - 1) / NR, row_parts = (m + MR - 1) / MR;
+    /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
+    const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
+    const int64_t row_load = (row_parts + nthreads - 1) / nthreads * col_parts;
+    const int by_cols = col_parts >= nthreads && col_load <= row_load;
+    const int64_t parts = by_cols ? col_parts : row_parts;
+    if (parts < nthreads) nthreads = (int)parts;
     if (nthreads <= 1) {
-        LFN(gemm_packed_team)(0, 1, c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
-                              beta, act, packed_b, packed_a);
-        return;
+        /* No OpenMP region for one thread: even an if(0) region costs a trip through libgomp. */
+        char *scratch = fbp_scratch(b_bytes + a_bytes);
+        if (!scratch) return FBP_ERR_NOMEM;
+        LFN(gemm_blocked)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
+                          (REAL *)scratch, (REAL *)(scratch + b_bytes));
+        return FBP_OK;
     }
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
-    LFN(gemm_packed_team)(omp_get_thread_num(), omp_get_num_threads(), c, a, b, bias, m, n, k, rs_a,
-                          cs_a, rs_b, cs_b, ldc, alpha, beta, act, packed_b, packed_a);
+    {
+        char *scratch = fbp_scratch(b_bytes + a_bytes);
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier /* all or nothing: C is not touched when any thread lacks memory */
+        int stop;
+#pragma omp atomic read
+        stop = failed;
+        if (!stop) {
+            REAL *pb = (REAL *)scratch, *pa = (REAL *)(scratch + b_bytes);
+            int64_t lo, hi;
+            fbp_split_range(parts, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+            if (by_cols) {
+                const int64_t j0 = lo * NR, j1 = min_i64(hi * NR, n);
+                if (j1 > j0)
+                    LFN(gemm_blocked)(c + j0, a, b + j0 * cs_b, bias ? bias + j0 : NULL, m, j1 - j0,
+                                      k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa);
+            } else {
+                const int64_t i0 = lo * MR, i1 = min_i64(hi * MR, m);
+                if (i1 > i0)
+                    LFN(gemm_blocked)(c + i0 * ldc, a + i0 * rs_a, b, bias, i1 - i0, n, k, rs_a,
+                                      cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa);
+            }
+        }
+    }
+    return failed ? FBP_ERR_NOMEM : FBP_OK;
 }
 
 fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,
@@ -466,13 +539,10 @@ fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, in
         (size_t)round_up(kc_max * round_up(min_i64(NC, n), NR) * (int64_t)sizeof(REAL), FBP_ALIGN);
     const size_t a_bytes =
         (size_t)round_up(kc_max * round_up(min_i64(MC, m), MR) * (int64_t)sizeof(REAL), FBP_ALIGN);
-    char *scratch = fbp_scratch(b_bytes + a_bytes);
-    if (!scratch) return FBP_ERR_NOMEM;
     const int64_t work = macs > (double)INT64_MAX ? INT64_MAX : (int64_t)macs;
     const int nthreads = fbp_team_size(work, GEMM_THREAD_GRAIN_MACS);
-    LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                     (REAL *)scratch, (REAL *)(scratch + b_bytes), nthreads);
-    return FBP_OK;
+    return LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
+                            b_bytes, a_bytes, nthreads);
 }
 
 #undef FBP_LANES
