@@ -393,7 +393,7 @@ static void TFN(batchnorm_forward)(const fbp_plan *plan, int32_t i, REAL *y, con
 
 /* In place: g holds dL/dy on entry and dL/dx on return. x is the op's input. */
 static void TFN(batchnorm_backward)(const fbp_plan *plan, int32_t i, REAL *g, const REAL *x,
-                                    int64_t rows) {
+                                    int64_t rows, int accumulate) {
     const fbp_op *op = &plan->ops[i];
     const int64_t n = op->out_features;
     const REAL *gamma = op->weight >= 0 ? (const REAL *)plan->params + op->weight : NULL;
@@ -414,8 +414,8 @@ static void TFN(batchnorm_backward)(const fbp_plan *plan, int32_t i, REAL *g, co
                 sum_dy_xhat[j - j0] += dy * (x[r * n + j] - mean[j]) * invstd[j];
             }
         for (int64_t j = j0; j < j1; j++) {
-            if (dbeta) dbeta[j] += (REAL)sum_dy[j - j0];
-            if (dgamma) dgamma[j] += (REAL)sum_dy_xhat[j - j0];
+            if (dbeta) dbeta[j] = (accumulate ? dbeta[j] : 0) + (REAL)sum_dy[j - j0];
+            if (dgamma) dgamma[j] = (accumulate ? dgamma[j] : 0) + (REAL)sum_dy_xhat[j - j0];
         }
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = j0; j < j1; j++) {
@@ -479,9 +479,11 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
     return FBP_OK;
 }
 
-/* Backward with dL/dout already in plan->grad_a. Writes dL/dx to dx when not NULL. Calls
- * grads_ready (when not NULL) after each op whose parameter gradients are then final. */
-static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows,
+/* Backward with dL/dout already in plan->grad_a. Writes dL/dx to dx when not NULL. Adds the
+ * parameter gradients to grads (accumulate: torch's .grad semantics) or overwrites them (every
+ * parameter belongs to an op, so none is left stale). Calls grads_ready (when not NULL) after
+ * each op whose parameter gradients are then final. */
+static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accumulate,
                                 fbp_grads_ready_fn grads_ready, void *ctx) {
     const REAL *params = plan->params;
     REAL *grads = plan->grads;
@@ -497,10 +499,10 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows,
         case FBP_OP_LINEAR:
             /* dZ = dY * act'(Y) in place, db += colsum(dZ); dW += dZ.T @ X; dX = dZ @ W */
             st = KERNEL(activation_backward)(g, op->bias >= 0 ? grads + op->bias : NULL, g, y, rows,
-                                             out, (fbp_activation)op->activation, 1);
+                                             out, (fbp_activation)op->activation, accumulate);
             if (st == FBP_OK)
                 st = KERNEL(gemm)(grads + op->weight, g, x, NULL, out, in, rows, 1, out, in, 1, in,
-                                  1, 1, FBP_ACT_IDENTITY);
+                                  1, accumulate ? 1 : 0, FBP_ACT_IDENTITY);
             /* dW and db are final: their reduction can overlap the dX product below */
             if (st == FBP_OK && grads_ready && grads_ready(ctx, i)) return FBP_ERR_INTERRUPTED;
             if (st == FBP_OK && need_dx) {
@@ -522,7 +524,7 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows,
             }
             break;
         case FBP_OP_BATCHNORM:
-            TFN(batchnorm_backward)(plan, i, g, x, rows);
+            TFN(batchnorm_backward)(plan, i, g, x, rows, accumulate);
             if (grads_ready && (op->weight >= 0 || op->bias >= 0) && grads_ready(ctx, i))
                 return FBP_ERR_INTERRUPTED;
             break;
@@ -573,21 +575,24 @@ static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
 
 /* zero_grad, forward, loss, backward on the batch already in plan->input and plan->target:
  * grads = grad_scale * d(mean loss)/d(params). A non-finite loss stops before backward (grads
- * stay zero) with FBP_ERR_NONFINITE. */
+ * zeroed) with FBP_ERR_NONFINITE. Backward overwrites the gradients, so a successful step needs
+ * no zeroing pass over them (a memset of the whole buffer: 22 us of a W3 step). */
 static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
                                          double grad_scale, fbp_grads_ready_fn grads_ready,
                                          void *ctx) {
-    memset(plan->grads, 0, (size_t)plan->n_params * sizeof(REAL));
     fbp_status st = TFN(forward)(plan, rows, 1);
     if (st == FBP_OK) st = TFN(loss)(plan, loss, plan->grad_a, plan->target, rows, kind);
-    if (st != FBP_OK) return st;
-    if (!isfinite(*loss)) return FBP_ERR_NONFINITE; /* before the update: weights stay valid */
+    if (st == FBP_OK && !isfinite(*loss)) st = FBP_ERR_NONFINITE; /* weights stay valid */
+    if (st != FBP_OK) {
+        memset(plan->grads, 0, (size_t)plan->n_params * sizeof(REAL));
+        return st;
+    }
     if (grad_scale != 1) { /* backward is linear in dL/dout: scale the seed, not every grad */
         REAL *g = plan->grad_a;
         const REAL s = (REAL)grad_scale;
         for (int64_t e = 0; e < rows * plan->out_features; e++) g[e] *= s;
     }
-    return TFN(backward)(plan, NULL, rows, grads_ready, ctx);
+    return TFN(backward)(plan, NULL, rows, 0, grads_ready, ctx);
 }
 
 /* One step on the batch already in plan->input and plan->target. */
@@ -617,7 +622,7 @@ static fbp_status TFN(forward_public)(fbp_plan *plan, void *out, const void *x, 
 
 static fbp_status TFN(backward_public)(fbp_plan *plan, void *dx, const void *dy, int64_t rows) {
     memcpy(plan->grad_a, dy, (size_t)(rows * plan->out_features) * sizeof(REAL));
-    return TFN(backward)(plan, dx, rows, NULL, NULL);
+    return TFN(backward)(plan, dx, rows, 1, NULL, NULL);
 }
 
 static fbp_status TFN(loss_public)(fbp_plan *plan, double *loss, void *dout, const void *target,

@@ -113,6 +113,7 @@ def test_compute_gradients_reports_a_nonfinite_loss_without_raising() -> None:
     model = fastbp.MLP([2, 1], dtype=np.float64, seed=0)
     X = np.ones((4, 2))
     T = np.full((4, 1), 1e300)
+    model._grads[...] = np.nan  # a previous step's (backward overwrites; this path zeroes)
     loss = model._plan.compute_gradients(X, T, 0)
     assert not np.isfinite(loss)
     assert not model._grads.any()
@@ -155,10 +156,11 @@ def test_grads_ready_hook_reports_each_op_once_its_gradients_are_final(make: Any
         calls.append(op)
         for lo, hi in ranges[op]:  # this op's gradients: already what backward ends with
             np.testing.assert_array_equal(model._grads[lo:hi], final[lo:hi])
-        for earlier in range(op):  # the ops before it: not differentiated yet
+        for earlier in range(op):  # the ops before it: not differentiated yet (still stale)
             for lo, hi in ranges[earlier]:
-                assert not model._grads[lo:hi].any()
+                assert np.isnan(model._grads[lo:hi]).all()
 
+    model._grads[...] = np.nan  # stale: backward overwrites every gradient, zeroing none first
     model.seed(9)
     model._plan.compute_gradients(X, y, 2, 0.5, 3, ready)
     np.testing.assert_array_equal(model._grads, final)  # the hook changes nothing
