@@ -107,7 +107,7 @@ FBP_INLINE void LFN(epilogue)(REAL *dst, VEC acc, int64_t cnt, const REAL *bias,
 #define TRANSPOSE_STAGE(r, S)                                                                      \
     do {                                                                                           \
         const IVEC lo = {FBP_LANES(MASK_LO, S)}, hi = {FBP_LANES(MASK_HI, S)};                     \
-        for (int i = 0; i < VLN; i++) {                                                            \
+        _Pragma("GCC unroll 16") for (int i = 0; i < VLN; i++) {                                   \
             if (i & (S)) continue;                                                                 \
             VEC x = r[i], y = r[i + (S)];                                                          \
             r[i] = __builtin_shuffle(x, y, lo);                                                    \
@@ -138,7 +138,8 @@ static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, in
         if (MR <= VL) { /* rows are contiguous: transpose VL x VL blocks of them */
             for (; p0 + VL <= kc; p0 += VL) {
                 VEC r[VLN];
-                for (int64_t i = 0; i < VL; i++)
+#pragma GCC unroll 16
+                for (int i = 0; i < VLN; i++)
                     r[i] = i < MR ? V_(vload)(a + i * rs + p0) : V_(vbcast)(0);
                 LFN(transpose_block)(r);
                 /* r[q] holds the MR values of column p0 + q (then padding). A full-vector store
@@ -177,10 +178,14 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
         if (cols == NR) {
             for (; p0 + VL <= kc; p0 += VL) {
                 for (int64_t v = 0; v < NV; v++) {
+                    /* unrolled, so that r stays in registers (a loop kept it on the stack,
+                     * and packing W.T cost 50 us of a W3 step) */
                     VEC r[VLN];
-                    for (int64_t i = 0; i < VL; i++) r[i] = V_(vload)(b + (v * VL + i) * cs + p0);
+#pragma GCC unroll 16
+                    for (int i = 0; i < VLN; i++) r[i] = V_(vload)(b + (v * VL + i) * cs + p0);
                     LFN(transpose_block)(r);
-                    for (int64_t q = 0; q < VL; q++) V_(vstore)(dst + (p0 + q) * NR + v * VL, r[q]);
+#pragma GCC unroll 16
+                    for (int q = 0; q < VLN; q++) V_(vstore)(dst + (p0 + q) * NR + v * VL, r[q]);
                 }
             }
         }
