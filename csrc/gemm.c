@@ -212,10 +212,11 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
  * a_cs = 1); B from a packed sliver (ldb = NR) or straight from a row-major B (ldb = its row
  * stride). Callers pass the packed strides as constants, so that case compiles as before. */
 FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int64_t a_rs,
-                                  int64_t a_cs, const REAL *restrict pb, int64_t kc, int64_t ldb) {
+                                  int64_t a_cs, const REAL *restrict pb, int64_t kc, int64_t ldb,
+                                  int rows) {
     VEC c[MR][NV];
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; i++)
+    for (int i = 0; i < rows; i++)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) c[i][v] = V_(vbcast)(0);
     /* Rows in groups of three from one base pointer each (offsets 0, a_rs, 2 a_rs: x86's
@@ -223,7 +224,7 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int6
      * addresses instead of one per row (which spilled to the stack). */
     const REAL *base[(MR + 2) / 3];
 #pragma GCC unroll 16
-    for (int g = 0; g < (MR + 2) / 3; g++) base[g] = pa + 3 * g * a_rs;
+    for (int g = 0; g < (rows + 2) / 3; g++) base[g] = pa + 3 * g * a_rs;
     for (int64_t p = 0; p < kc; p++) {
         VEC bv[NV];
 #pragma GCC unroll 4
@@ -232,20 +233,47 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int6
         for (int v = 0; v < NV; v++)
             __builtin_prefetch(pb + GEMM_PREFETCH_ROWS * ldb + v * VL, 0, 3);
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; i++) {
+        for (int i = 0; i < rows; i++) {
             VEC ai = V_(vbcast)(base[i / 3][(i % 3) * a_rs]);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) c[i][v] += ai * bv[v];
         }
 #pragma GCC unroll 16
-        for (int g = 0; g < (MR + 2) / 3; g++) base[g] += a_cs;
+        for (int g = 0; g < (rows + 2) / 3; g++) base[g] += a_cs;
         pb += ldb;
     }
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; i++)
+    for (int i = 0; i < rows; i++)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) acc[i][v] = c[i][v];
 }
+
+/* The ragged last A sliver: only its `rows` (< MR) rows are multiplied, not the zero padding
+ * (W3's batch of 128 = 10 x 12 + 8 rows: the padded sliver cost 5% of a layer's product). One
+ * copy per row count, so each keeps its accumulators in registers. */
+#define EDGE_ROWS(R)                                                                               \
+    case R:                                                                                        \
+        LFN(micro_kernel)(acc, pa, 1, MR, pb, kc, ldb, (R) < MR ? (R) : MR);                       \
+        break
+static void LFN(edge_kernel)(VEC acc[MR][NV], const REAL *restrict pa, const REAL *restrict pb,
+                             int64_t kc, int64_t ldb, int64_t rows) {
+    switch (rows) {
+        EDGE_ROWS(1);
+        EDGE_ROWS(2);
+        EDGE_ROWS(3);
+        EDGE_ROWS(4);
+        EDGE_ROWS(5);
+        EDGE_ROWS(6);
+        EDGE_ROWS(7);
+        EDGE_ROWS(8);
+        EDGE_ROWS(9);
+        EDGE_ROWS(10);
+        EDGE_ROWS(11);
+    default:
+        LFN(micro_kernel)(acc, pa, 1, MR, pb, kc, ldb, MR);
+    }
+}
+#undef EDGE_ROWS
 
 /* A whole MR x NR tile, the micro-kernel and the shared epilogue inlined into one piece so the
  * accumulators go from the FMAs to C without a trip through memory. `act` is a constant in each
@@ -255,7 +283,7 @@ FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa
                                    const REAL *bias, REAL alpha, REAL beta, int first, int last,
                                    fbp_activation act) {
     VEC acc[MR][NV];
-    LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb);
+    LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb, MR);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
@@ -450,9 +478,9 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                 continue;
                             }
                             if (a_in_place)
-                                LFN(micro_kernel)(acc, pa, rs_a, 1, pb, kc, ldb);
+                                LFN(micro_kernel)(acc, pa, rs_a, 1, pb, kc, ldb, MR);
                             else
-                                LFN(micro_kernel)(acc, pa, 1, MR, pb, kc, ldb);
+                                LFN(edge_kernel)(acc, pa, pb, kc, ldb, rows);
                             LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc, bias_j, alpha,
                                             beta, first, last, act);
                         }
