@@ -175,18 +175,19 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
     }
     if (rs == 1) { /* B' is a transposed row-major matrix: transpose VL x VL blocks */
         int64_t p0 = 0;
-        if (cols == NR) {
-            for (; p0 + VL <= kc; p0 += VL) {
-                for (int64_t v = 0; v < NV; v++) {
-                    /* unrolled, so that r stays in registers (a loop kept it on the stack,
-                     * and packing W.T cost 50 us of a W3 step) */
-                    VEC r[VLN];
+        for (; p0 + VL <= kc; p0 += VL) {
+            for (int64_t v = 0; v < NV; v++) {
+                /* unrolled, so that r stays in registers (a loop kept it on the stack, and
+                 * packing W.T cost 50 us of a W3 step); rows past `cols` transpose as zeros,
+                 * which is the sliver's padding (a 10-class output layer's W.T is one sliver) */
+                VEC r[VLN];
 #pragma GCC unroll 16
-                    for (int i = 0; i < VLN; i++) r[i] = V_(vload)(b + (v * VL + i) * cs + p0);
-                    LFN(transpose_block)(r);
+                for (int i = 0; i < VLN; i++)
+                    r[i] =
+                        v * VL + i < cols ? V_(vload)(b + (v * VL + i) * cs + p0) : V_(vbcast)(0);
+                if (v * VL < cols) LFN(transpose_block)(r);
 #pragma GCC unroll 16
-                    for (int q = 0; q < VLN; q++) V_(vstore)(dst + (p0 + q) * NR + v * VL, r[q]);
-                }
+                for (int q = 0; q < VLN; q++) V_(vstore)(dst + (p0 + q) * NR + v * VL, r[q]);
             }
         }
         for (int64_t j = 0; j < cols; j++) {
@@ -195,9 +196,6 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
         }
         for (int64_t p = p0; p < kc; p++)
             for (int64_t j = cols; j < NR; j++) dst[p * NR + j] = 0;
-        if (p0 > 0)
-            for (int64_t p = 0; p < p0; p++)
-                for (int64_t j = cols; j < NR; j++) dst[p * NR + j] = 0;
         return;
     }
     for (int64_t p = 0; p < kc; p++) {
@@ -213,12 +211,12 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
  * stride). Callers pass the packed strides as constants, so that case compiles as before. */
 FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int64_t a_rs,
                                   int64_t a_cs, const REAL *restrict pb, int64_t kc, int64_t ldb,
-                                  int rows) {
+                                  int rows, int nv) {
     VEC c[MR][NV];
 #pragma GCC unroll 16
     for (int i = 0; i < rows; i++)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) c[i][v] = V_(vbcast)(0);
+        for (int v = 0; v < nv; v++) c[i][v] = V_(vbcast)(0);
     /* Rows in groups of three from one base pointer each (offsets 0, a_rs, 2 a_rs: x86's
      * base + index * 4 or 8 addressing), so an in-place A needs MR / 3 + 1 registers for its
      * addresses instead of one per row (which spilled to the stack). */
@@ -228,15 +226,15 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int6
     for (int64_t p = 0; p < kc; p++) {
         VEC bv[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) bv[v] = V_(vload)(pb + v * VL);
+        for (int v = 0; v < nv; v++) bv[v] = V_(vload)(pb + v * VL);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++)
+        for (int v = 0; v < nv; v++)
             __builtin_prefetch(pb + GEMM_PREFETCH_ROWS * ldb + v * VL, 0, 3);
 #pragma GCC unroll 16
         for (int i = 0; i < rows; i++) {
             VEC ai = V_(vbcast)(base[i / 3][(i % 3) * a_rs]);
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; v++) c[i][v] += ai * bv[v];
+            for (int v = 0; v < nv; v++) c[i][v] += ai * bv[v];
         }
 #pragma GCC unroll 16
         for (int g = 0; g < (rows + 2) / 3; g++) base[g] += a_cs;
@@ -245,18 +243,24 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int6
 #pragma GCC unroll 16
     for (int i = 0; i < rows; i++)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) acc[i][v] = c[i][v];
+        for (int v = 0; v < nv; v++) acc[i][v] = c[i][v];
 }
 
-/* The ragged last A sliver: only its `rows` (< MR) rows are multiplied, not the zero padding
- * (W3's batch of 128 = 10 x 12 + 8 rows: the padded sliver cost 5% of a layer's product). One
- * copy per row count, so each keeps its accumulators in registers. */
+/* Edge tiles: the ragged last A sliver multiplies only its `rows` (< MR) rows, not the zero
+ * padding (W3's batch of 128 = 10 x 12 + 8 rows: the padded sliver cost 5% of a layer's
+ * product), and a tile at most one vector wide (the 10 outputs of a classifier) only its first
+ * B vector. One copy per case, so each keeps its accumulators in registers. */
 #define EDGE_ROWS(R)                                                                               \
     case R:                                                                                        \
-        LFN(micro_kernel)(acc, pa, 1, MR, pb, kc, ldb, (R) < MR ? (R) : MR);                       \
+        if (narrow)                                                                                \
+            LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb, (R) < MR ? (R) : MR, 1);           \
+        else                                                                                       \
+            LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb, (R) < MR ? (R) : MR, NV);          \
         break
-static void LFN(edge_kernel)(VEC acc[MR][NV], const REAL *restrict pa, const REAL *restrict pb,
-                             int64_t kc, int64_t ldb, int64_t rows) {
+static void LFN(edge_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int64_t a_rs, int64_t a_cs,
+                             const REAL *restrict pb, int64_t kc, int64_t ldb, int64_t rows,
+                             int64_t cols) {
+    const int narrow = cols <= VL;
     switch (rows) {
         EDGE_ROWS(1);
         EDGE_ROWS(2);
@@ -270,7 +274,10 @@ static void LFN(edge_kernel)(VEC acc[MR][NV], const REAL *restrict pa, const REA
         EDGE_ROWS(10);
         EDGE_ROWS(11);
     default:
-        LFN(micro_kernel)(acc, pa, 1, MR, pb, kc, ldb, MR);
+        if (narrow)
+            LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb, MR, 1);
+        else
+            LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb, MR, NV);
     }
 }
 #undef EDGE_ROWS
@@ -283,7 +290,7 @@ FBP_INLINE void LFN(full_tile_act)(REAL *c, int64_t ldc, const REAL *restrict pa
                                    const REAL *bias, REAL alpha, REAL beta, int first, int last,
                                    fbp_activation act) {
     VEC acc[MR][NV];
-    LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb, MR);
+    LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb, MR, NV);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
@@ -478,9 +485,9 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                 continue;
                             }
                             if (a_in_place)
-                                LFN(micro_kernel)(acc, pa, rs_a, 1, pb, kc, ldb, MR);
+                                LFN(edge_kernel)(acc, pa, rs_a, 1, pb, kc, ldb, MR, cols);
                             else
-                                LFN(edge_kernel)(acc, pa, pb, kc, ldb, rows);
+                                LFN(edge_kernel)(acc, pa, 1, MR, pb, kc, ldb, rows, cols);
                             LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc, bias_j, alpha,
                                             beta, first, last, act);
                         }

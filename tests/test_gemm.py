@@ -437,6 +437,37 @@ def test_out_row_stride_not_a_whole_number_of_elements(isa, dtype):
     np.testing.assert_array_equal(rec["pad"], np.zeros((4, 1)), err_msg="gemm wrote into 'pad'")
 
 
+# ---- the kernel's variants agree bitwise ------------------------------------------------------
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_edge_narrow_and_in_place_variants_give_the_same_bits(isa, dtype, trans_b, activation):
+    """Every C element is summed the same way whichever code path computes its tile: a ragged
+    last A sliver (rows < MR, its own kernel) or a full one, a tile one vector wide (the
+    narrow kernel) or a wide one, A read in place or packed (a row stride that is a multiple of
+    4 KiB is packed), B read in place or packed. Rows, columns and strides are varied around
+    one product whose first 37 rows and 10 columns every variant computes."""
+    rng = np.random.default_rng(21)
+    k = 300
+    a_big = rng.standard_normal((60, 1024)).astype(dtype)  # row stride 4 KiB (f32): packed
+    b_big = rng.standard_normal((k, 70)).astype(dtype)
+    bias = rng.standard_normal(70).astype(dtype)
+
+    def product(rows: int, cols: int, a_stride_packed: bool) -> np.ndarray:
+        a = a_big[:rows, :k] if a_stride_packed else np.ascontiguousarray(a_big[:rows, :k])
+        b = b_big[:, :cols]
+        b_arg = np.ascontiguousarray(b.T) if trans_b else np.ascontiguousarray(b)
+        return ops.gemm(a, b_arg, trans_b=trans_b, bias=bias[:cols], activation=activation)
+
+    want = product(37, 10, False)  # 37 = 3 x 12 + 1 rows; 10 columns: narrow edge tiles
+    for rows in (37, 48, 60):
+        for cols in (10, 16, 33, 64, 70):
+            for packed in (False, True):
+                got = product(rows, cols, packed)[:37, :10]
+                assert got.tobytes() == want.tobytes(), (rows, cols, packed)
+
+
 # ---- threads and determinism ------------------------------------------------------------------
 
 # (m, k, n, trans_a, trans_b): a square product, the MLP's layer-1 forward x @ w.T, its weight
