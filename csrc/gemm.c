@@ -133,18 +133,20 @@ FBP_INLINE void LFN(transpose_block)(VEC r[VLN]) {
 /* Pack rows [i0, i0 + MR) x cols [0, kc) of A' into an MR-interleaved sliver, zero-padded. */
 static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, int64_t cs,
                                int64_t rows, int64_t kc) {
-    if (cs == 1 && rows == MR) {
+    if (cs == 1) {
         int64_t p0 = 0;
         if (MR <= VL) { /* rows are contiguous: transpose VL x VL blocks of them */
             for (; p0 + VL <= kc; p0 += VL) {
                 VEC r[VLN];
+                /* rows past `rows` (a ragged last sliver) transpose as zeros: the padding */
 #pragma GCC unroll 16
                 for (int i = 0; i < VLN; i++)
-                    r[i] = i < MR ? V_(vload)(a + i * rs + p0) : V_(vbcast)(0);
+                    r[i] = i < rows ? V_(vload)(a + i * rs + p0) : V_(vbcast)(0);
                 LFN(transpose_block)(r);
                 /* r[q] holds the MR values of column p0 + q (then padding). A full-vector store
                  * spills padding into the next column's slots, which the next store rewrites;
                  * the sliver's last column is stored exactly. */
+#pragma GCC unroll 16
                 for (int64_t q = 0; q < VL; q++) {
                     if (p0 + q + 1 < kc && MR < VL)
                         V_(vstore)(dst + (p0 + q) * MR, r[q]);
@@ -155,7 +157,7 @@ static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, in
         }
         for (int64_t r = 0; r < MR; r++) {
             const REAL *src = a + r * rs;
-            for (int64_t p = p0; p < kc; p++) dst[p * MR + r] = src[p];
+            for (int64_t p = p0; p < kc; p++) dst[p * MR + r] = r < rows ? src[p] : 0;
         }
         return;
     }
@@ -188,8 +190,21 @@ static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, in
 /* Pack rows [0, kc) x cols [j0, j0 + NR) of B' into an NR-wide sliver, zero-padded. */
 static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, int64_t cs,
                                int64_t cols, int64_t kc) {
-    if (cs == 1 && cols == NR) {
-        for (int64_t p = 0; p < kc; p++) memcpy(dst + p * NR, b + p * rs, NR * sizeof(REAL));
+    if (cs == 1) {
+        if (cols == NR) {
+            for (int64_t p = 0; p < kc; p++) memcpy(dst + p * NR, b + p * rs, NR * sizeof(REAL));
+            return;
+        }
+        /* a ragged last sliver: masked loads, zeros after `cols`, whole-vector stores */
+        for (int64_t p = 0; p < kc; p++) {
+#pragma GCC unroll 4
+            for (int64_t v = 0; v < NV; v++) {
+                const int64_t live = cols - v * VL < 0    ? 0
+                                     : cols - v * VL < VL ? cols - v * VL
+                                                          : VL;
+                V_(vstore)(dst + p * NR + v * VL, V_(vload_part)(b + p * rs + v * VL, live));
+            }
+        }
         return;
     }
     if (rs == 1) { /* B' is a transposed row-major matrix: transpose VL x VL blocks */
