@@ -130,6 +130,22 @@ def test_different_seeds_give_different_weights():
     assert not np.array_equal(weights[0], weights[1])
 
 
+def test_no_seed_gives_a_fresh_order_and_dropout_each_fit():
+    """seed=None draws a new 63-bit seed from the OS for every fit: two fits from the same
+    weights take different paths (shuffled order, dropout masks)."""
+    from fastbp._random import fresh_seed
+
+    seeds = {fresh_seed() for _ in range(200)}
+    assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
+    X, y = classification_data(200)
+    weights = []
+    for _ in range(2):
+        model = fastbp.MLP([8, 32, 3], dropout=0.2, seed=0)
+        model.fit(X, y, loss="cross_entropy", epochs=1, batch_size=16)
+        weights.append(flat_weights(model))
+    assert not np.array_equal(weights[0], weights[1])
+
+
 def test_same_weights_for_one_and_two_threads():
     """784-256-10 on 2048 samples in batches of 256 with dropout: the first layer's GEMMs are
     256 x 784 x 256 = 51M multiply-adds, ~100x the 2^19 per-thread grain of csrc/gemm.c, so

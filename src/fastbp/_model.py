@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from . import _core
-from ._random import default_generator, derive_seed
+from ._random import default_generator, derive_seed, fresh_seed
 from .losses import CrossEntropyLoss, Loss, resolve_loss
 from .nn import (
     _ACTIVATION_CODES,
@@ -571,7 +571,7 @@ class Sequential(Module):
                 verbose=verbose,
                 stop_on_nonfinite=stop_on_nonfinite,
             )
-        base_seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+        base_seed = int(seed) if seed is not None else fresh_seed()
         if seed is not None:
             self.seed(derive_seed(base_seed, 1))
 

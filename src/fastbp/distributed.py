@@ -39,7 +39,7 @@ import numpy as np
 
 from . import _core
 from ._model import _epoch_logs, _report_epoch
-from ._random import derive_seed
+from ._random import derive_seed, fresh_seed
 from .losses import Loss
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ def fit_distributed(
     )
     comm.Bcast(model._params, root=0)
     comm.Bcast(model._buffers, root=0)
-    base_seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+    base_seed = int(seed) if seed is not None else fresh_seed()
     base_seed = int(comm.bcast(base_seed, root=0))
     model.seed(derive_seed(base_seed, 1))  # the same dropout stream on every rank
 

@@ -77,7 +77,7 @@ import numpy as np
 from . import optim
 from ._config import thread_limit as _thread_limit
 from ._model import MLP, Sequential, _all_finite
-from ._random import derive_seed
+from ._random import derive_seed, fresh_seed
 
 __all__ = [
     "ConvergenceWarning",
@@ -171,7 +171,7 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
 def _seed_from(random_state: object) -> int:
     """A 63-bit seed from an int, None (fresh entropy), a Generator or a RandomState."""
     if random_state is None:
-        return int(np.random.SeedSequence().entropy % 2**63)
+        return fresh_seed()
     if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
         if random_state < 0:
             raise ValueError(f"random_state must be >= 0, got {random_state}")
