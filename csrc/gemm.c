@@ -41,8 +41,8 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
 
 /* Below this many multiply-adds the packed path's fixed costs dominate: compute directly. */
 
-/* B rows the micro-kernel prefetches ahead: its slivers stream from L2 (1024^3 198 -> 202
- * GFLOP/s, W3's first-layer products 1.5-3.5% faster). */
+/* B rows the micro-kernel prefetches ahead when its slivers stream from L2 (GEMM_A_OUTER:
+ * 1024^3 198 -> 202 GFLOP/s, W3's first-layer products 1.5-3.5% faster). */
 #define GEMM_PREFETCH_ROWS 8
 #define GEMM_DIRECT_MAX_MACS (24 * 24 * 24)
 /* A thread is worth starting for this many multiply-adds (~5 us of one core's work). */
@@ -261,9 +261,12 @@ FBP_INLINE void LFN(micro_kernel)(VEC acc[MR][NV], const REAL *restrict pa, int6
         VEC bv[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < nv; v++) bv[v] = V_(vload)(pb + v * VL);
+        if (GEMM_A_OUTER) { /* B streams from L2; else its sliver stays in L1 (AVX2: 1024^3
+                             * 118 -> 111 GFLOP/s with the prefetches) */
 #pragma GCC unroll 4
-        for (int v = 0; v < nv; v++)
-            __builtin_prefetch(pb + GEMM_PREFETCH_ROWS * ldb + v * VL, 0, 3);
+            for (int v = 0; v < nv; v++)
+                __builtin_prefetch(pb + GEMM_PREFETCH_ROWS * ldb + v * VL, 0, 3);
+        }
 #pragma GCC unroll 16
         for (int i = 0; i < rows; i++) {
             VEC ai = V_(vbcast)(base[i / 3][(i % 3) * a_rs]);
