@@ -134,6 +134,39 @@ FBP_INLINE vf64 vabs_f64(vf64 x) { return (vf64)((vi64)x & INT64_MAX); }
 FBP_INLINE vf32 vwithsign_f32(vf32 y, vf32 x) { return (vf32)((vi32)y | ((vi32)x & INT32_MIN)); }
 FBP_INLINE vf64 vwithsign_f64(vf64 y, vf64 x) { return (vf64)((vi64)y | ((vi64)x & INT64_MIN)); }
 
+/* p * 2^n for the integer n (as a float n and as ni), rounded once, also into the subnormals.
+ * AVX-512 has it as one instruction (vscalef); elsewhere it is two exact power-of-two scales,
+ * so that a 2^n below the smallest normal does not underflow to 0 before p is applied: the same
+ * single rounding, so both give the same bits. The vscalef form is 9 vector operations fewer
+ * per exp, which is ~30% of a sigmoid. */
+#if FBP_VBYTES == 64 && defined(__AVX512F__)
+FBP_INLINE vf32 vscale2_f32(vf32 p, vf32 n, vi32 ni) {
+    (void)ni;
+    return (vf32)_mm512_scalef_ps((__m512)p, (__m512)n);
+}
+FBP_INLINE vf64 vscale2_f64(vf64 p, vf64 n, vi64 ni) {
+    (void)ni;
+    return (vf64)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+}
+#else
+FBP_INLINE vf32 vscale2_f32(vf32 p, vf32 n, vi32 ni) {
+    (void)n;
+    vi32 n1 = ni >> 1;
+    vi32 n2 = ni - n1;
+    vf32 s1 = (vf32)((n1 + 127) << 23);
+    vf32 s2 = (vf32)((n2 + 127) << 23);
+    return p * s1 * s2;
+}
+FBP_INLINE vf64 vscale2_f64(vf64 p, vf64 n, vi64 ni) {
+    (void)n;
+    vi64 n1 = ni >> 1;
+    vi64 n2 = ni - n1;
+    vf64 s1 = (vf64)((n1 + 1023) << 52);
+    vf64 s2 = (vf64)((n2 + 1023) << 52);
+    return p * s1 * s2;
+}
+#endif
+
 /* exp(x) for x <= 0 (NaN propagates). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a
  * Taylor polynomial accurate to < 0.2 ulp on that interval, and the scale 2^n applied as two
  * halves so results down in the subnormal range are still right (exp(-100) in float is
@@ -154,11 +187,7 @@ FBP_INLINE vf32 vexp_nonpos_f32(vf32 x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    vi32 n1 = ni >> 1;
-    vi32 n2 = ni - n1;
-    vf32 s1 = (vf32)((n1 + 127) << 23);
-    vf32 s2 = (vf32)((n2 + 127) << 23);
-    return p * s1 * s2;
+    return vscale2_f32(p, n, ni);
 }
 
 FBP_INLINE vf64 vexp_nonpos_f64(vf64 x) {
@@ -183,11 +212,7 @@ FBP_INLINE vf64 vexp_nonpos_f64(vf64 x) {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    vi64 n1 = ni >> 1;
-    vi64 n2 = ni - n1;
-    vf64 s1 = (vf64)((n1 + 1023) << 52);
-    vf64 s2 = (vf64)((n2 + 1023) << 52);
-    return p * s1 * s2;
+    return vscale2_f64(p, n, ni);
 }
 
 /* sigmoid via t = exp(-|x|) in (0, 1]: never overflows, and for x < 0 the result t/(1+t)
