@@ -130,6 +130,31 @@ def test_different_seeds_give_different_weights():
     assert not np.array_equal(weights[0], weights[1])
 
 
+def test_hyperparameters_edited_between_fits_are_checked_and_used():
+    """fit pushes param_groups to C once per epoch and skips the checks when nothing changed:
+    an edit, in value or in type, or inside a betas list, is still checked and used."""
+    X, y = classification_data(64)
+    model = fastbp.MLP([8, 16, 3], seed=0)
+    opt = fastbp.optim.SGD(model.parameters(), lr=0.1)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=16, seed=1)
+    for bad, error in ((True, TypeError), (float("nan"), ValueError), (-1.0, ValueError)):
+        opt.param_groups[0]["lr"] = bad
+        with pytest.raises(error, match="lr"):
+            model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=16)
+    opt.param_groups[0]["lr"] = 0.0  # a valid edit takes effect: nothing moves
+    before = flat_weights(model)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=16, seed=1)
+    np.testing.assert_array_equal(flat_weights(model), before)
+    adam_model = fastbp.MLP([8, 16, 3], seed=0)
+    adam = fastbp.optim.Adam(adam_model.parameters(), lr=0.01, betas=[0.9, 0.999])
+    betas = [0.9, 0.99]
+    adam.param_groups[0]["betas"] = betas
+    adam_model.fit(X, y, loss="cross_entropy", optimizer=adam, epochs=1, batch_size=16, seed=1)
+    betas[1] = 1.5  # the same list, edited in place
+    with pytest.raises(ValueError, match="betas"):
+        adam_model.fit(X, y, loss="cross_entropy", optimizer=adam, epochs=1, batch_size=16)
+
+
 def test_no_seed_gives_a_fresh_order_and_dropout_each_fit():
     """seed=None draws a new 63-bit seed from the OS for every fit: two fits from the same
     weights take different paths (shuffled order, dropout masks)."""
