@@ -587,3 +587,19 @@ def test_mpi_estimator_fit_equals_single_process(capsys, early_stopping: bool) -
     assert _same_on_all_ranks(comm, dist.model_._params)
     assert _all_ok(comm, ("Iteration 5" in out) == (comm.Get_rank() == 0))
     assert _all_ok(comm, np.array_equal(dist.predict(X), single.predict(X)))
+
+
+def test_mpi_estimator_partial_fit_keeps_ranks_identical() -> None:
+    comm = _world()
+    X, labels = _data(90)
+    y = X[:, :2] @ np.array([1.0, -2.0]) + 0.1 * labels
+    rs = 5 if comm.Get_rank() == 0 else None  # rank 0's seed is the one used
+    dist = fastbp.MLPRegressor(hidden_layer_sizes=(7,), batch_size=12, random_state=rs)
+    single = fastbp.MLPRegressor(hidden_layer_sizes=(7,), batch_size=12, random_state=5)
+    for _ in range(3):
+        dist.partial_fit(X, y, comm=comm)
+        single.partial_fit(X, y)
+    ok = np.allclose(dist.model_._params, single.model_._params, rtol=1e-4, atol=1e-6)
+    assert _all_ok(comm, ok and dist.n_iter_ == single.n_iter_ == 3)
+    assert _same_on_all_ranks(comm, dist.model_._params)
+    assert _all_ok(comm, dist.loss_curve_ == comm.bcast(dist.loss_curve_, root=0))
