@@ -194,6 +194,17 @@ fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad
                                   const void *X, const void *Y, int64_t n, const int64_t *order,
                                   int64_t batch_size, int64_t first, int64_t count,
                                   fbp_loss loss_kind, fbp_optimizer *opt);
+/* `epochs` whole epochs of train_batches over all rows: epoch e first shuffles order in place
+ * with fbp_shuffle(order, n, shuffle_seeds[e]) when shuffle_seeds is not NULL (the order carries
+ * over, as in one call per epoch), then trains every batch. loss_sums[e] = sum of loss * rows,
+ * seconds[e] = the epoch's wall time. Stops at the first non-finite loss (FBP_ERR_NONFINITE),
+ * reporting its epoch and batch (else -1): what fit does for a short epoch, without returning to
+ * Python between epochs. */
+fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds,
+                                 int64_t *bad_epoch, int64_t *bad_batch, const void *X,
+                                 const void *Y, int64_t n, int64_t *order, int64_t batch_size,
+                                 int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind,
+                                 fbp_optimizer *opt);
 /* Eval-mode loss sum and (cross-entropy) count of correct argmax predictions over all rows. */
 fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X,
                              const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind);

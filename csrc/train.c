@@ -336,6 +336,31 @@ fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad
                                    count, loss_kind, opt);
 }
 
+fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds,
+                                 int64_t *bad_epoch, int64_t *bad_batch, const void *X,
+                                 const void *Y, int64_t n, int64_t *order, int64_t batch_size,
+                                 int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind,
+                                 fbp_optimizer *opt) {
+    if (!plan || !loss_sums || !seconds || !bad_epoch || !bad_batch || !X || !Y || !order || !opt ||
+        n <= 0 || batch_size <= 0 || epochs < 0 || !plan->params || !plan->grads)
+        return FBP_ERR_INVALID;
+    *bad_epoch = -1;
+    *bad_batch = -1;
+    const int64_t n_batches = (n + batch_size - 1) / batch_size;
+    for (int64_t e = 0; e < epochs; e++) {
+        const double t0 = omp_get_wtime();
+        if (shuffle_seeds) fbp_shuffle(order, n, shuffle_seeds[e]);
+        loss_sums[e] = 0;
+        const fbp_status st =
+            DISPATCH(train_batches)(plan, &loss_sums[e], bad_batch, X, Y, n, order, batch_size, 0,
+                                    n_batches, loss_kind, opt);
+        seconds[e] = omp_get_wtime() - t0;
+        if (st == FBP_ERR_NONFINITE) *bad_epoch = e;
+        if (st != FBP_OK) return st;
+    }
+    return FBP_OK;
+}
+
 fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X,
                              const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind) {
     if (!plan || !loss_sum || !correct || !X || !Y || n <= 0 || batch_size <= 0 || !plan->params)

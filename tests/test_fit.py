@@ -155,6 +155,50 @@ def test_hyperparameters_edited_between_fits_are_checked_and_used():
         adam_model.fit(X, y, loss="cross_entropy", optimizer=adam, epochs=1, batch_size=16)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_short_epochs_in_one_c_call_equal_one_call_per_epoch(shuffle, opt_name):
+    """Without callbacks, validation, scheduler or printing, short epochs run several per call
+    into C: the same weights, bitwise, and the same History (losses equal, the same keys) as the
+    general loop, which a no-op callback selects."""
+    X, y = classification_data(50)  # 50 rows, batch 8: a short last batch every epoch
+    runs = []
+    for callbacks in (None, [lambda epoch, logs: None]):
+        model = fastbp.MLP([8, 16, 3], dropout=0.2, seed=0, dtype=np.float64)
+        opt = (
+            optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            if opt_name == "sgd"
+            else optim.Adam(model.parameters(), lr=0.01)
+        )
+        hist = model.fit(
+            X, y, loss="cross_entropy", optimizer=opt, epochs=37, batch_size=8,
+            shuffle=shuffle, seed=3, callbacks=callbacks,
+        )  # fmt: skip
+        runs.append((flat_weights(model), hist))
+    (w_fast, h_fast), (w_loop, h_loop) = runs
+    np.testing.assert_array_equal(w_fast, w_loop)
+    assert h_fast["loss"] == h_loop["loss"] and len(h_fast["loss"]) == 37
+    assert set(h_fast.history) == set(h_loop.history)
+    assert all(t > 0 for t in h_fast["time"])
+
+
+def test_short_epochs_stop_at_a_nonfinite_loss_like_the_general_loop():
+    X = np.ones((12, 2))
+    T = np.zeros((12, 1))
+    T[7] = 1e300  # batch 2 of every epoch (batch size 4, no shuffle)
+    messages, weights = [], []
+    for callbacks in (None, [lambda epoch, logs: None]):
+        model = fastbp.MLP([2, 1], dtype=np.float64, seed=0)
+        opt = optim.SGD(model.parameters(), lr=0.01)
+        with pytest.raises(fastbp.NonFiniteLossError) as info:
+            model.fit(X, T, loss="mse", optimizer=opt, epochs=5, batch_size=4, shuffle=False,
+                      callbacks=callbacks)  # fmt: skip
+        messages.append(str(info.value))
+        weights.append(flat_weights(model))
+    assert messages[0] == messages[1] and "epoch 1, batch 2 (of 3)" in messages[0]
+    np.testing.assert_array_equal(weights[0], weights[1])
+
+
 def test_no_seed_gives_a_fresh_order_and_dropout_each_fit():
     """seed=None draws a new 63-bit seed from the OS for every fit: two fits from the same
     weights take different paths (shuffled order, dropout masks)."""

@@ -90,6 +90,7 @@ cdef extern from "fastbp.h" nogil:
     ctypedef int (*fbp_grads_ready_fn)(void *ctx, int32_t op) noexcept nogil
     fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, int64_t row_offset, fbp_loss loss_kind, double grad_scale, fbp_grads_ready_fn grads_ready, void *ctx)
     fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch, const void *X, const void *Y, int64_t n, const int64_t *order, int64_t batch_size, int64_t first, int64_t count, fbp_loss loss_kind, fbp_optimizer *opt)
+    fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds, int64_t *bad_epoch, int64_t *bad_batch, const void *X, const void *Y, int64_t n, int64_t *order, int64_t batch_size, int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind, fbp_optimizer *opt)
     fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X, const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind)
     void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed)
     int fbp_all_finite_f32(const float *x, int64_t n)
@@ -504,6 +505,35 @@ cdef class Plan:
             return value
         check(status, "compute_gradients")
         return value
+
+    def train_epochs(self, X, Y, int64_t[::1] order, int64_t batch_size, int64_t epochs,
+                     const uint64_t[::1] shuffle_seeds, double[::1] loss_sums,
+                     double[::1] seconds, int loss_kind, OptimizerState opt):
+        """Whole epochs in one call (see fbp_plan_train_epochs): fills loss_sums[:epochs] and
+        seconds[:epochs]; returns (bad_epoch, bad_batch), both -1 unless a loss was not finite.
+        shuffle_seeds (one per epoch) may be None for the order as given."""
+        if loss_sums.shape[0] < epochs or seconds.shape[0] < epochs:
+            raise ValueError("train_epochs: loss_sums and seconds need one slot per epoch")
+        if shuffle_seeds is not None and shuffle_seeds.shape[0] < epochs:
+            raise ValueError("train_epochs: one shuffle seed per epoch")
+        if order.shape[0] != X.shape[0]:
+            raise ValueError("train_epochs: order must index every row")
+        if epochs == 0:
+            return -1, -1
+        cdef const void *xp = data_ptr(X)
+        cdef const void *yp = data_ptr(Y)
+        cdef int64_t n = X.shape[0]
+        cdef const uint64_t *seeds = &shuffle_seeds[0] if shuffle_seeds is not None else NULL
+        cdef int64_t bad_epoch = -1, bad_batch = -1
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_train_epochs(self.plan, &loss_sums[0], &seconds[0], &bad_epoch,
+                                           &bad_batch, xp, yp, n, &order[0], batch_size, epochs,
+                                           seeds, <fbp_loss>loss_kind, &opt.opt)
+        if status == FBP_ERR_NONFINITE:
+            return bad_epoch, bad_batch
+        check(status, "fit")
+        return -1, -1
 
     def train_batches(self, X, Y, order, int64_t batch_size, int64_t first, int64_t count,
                       int loss_kind, OptimizerState opt):
