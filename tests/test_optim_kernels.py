@@ -695,3 +695,30 @@ def test_valid_calls_do_update():
     assert not np.array_equal(a["param"], before["param"])
     assert not np.array_equal(a["m"], before["m"])
     assert not np.array_equal(a["v"], before["v"])
+
+
+@pytest.mark.parametrize("step", [1, 10, 50, 415, 417, 7000, 41_600, 10**6])
+def test_adam_bias_correction_at_large_steps_matches_torch(isa, dtype, step):
+    """Late steps, where 1 - beta1^step rounds to 1.0 and fastbp skips pow (step >= 416 for
+    beta1 = 0.9; 0.9^step underflows from ~7000), and where beta2's correction still matters
+    (0.999^41600 ~ 1e-18): one update equals torch's from the same state, to rounding."""
+    rng = np.random.default_rng(step)
+    n = 33
+    p = rng.standard_normal(n).astype(dtype)
+    g = rng.standard_normal(n).astype(dtype)
+    m = (rng.standard_normal(n) * 0.1).astype(dtype)
+    v = (np.abs(rng.standard_normal(n)) * 0.01).astype(dtype)
+    tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+    tp.grad = torch.from_numpy(g.copy())
+    topt = torch.optim.Adam([tp], lr=1e-2, foreach=False)
+    topt.state[tp] = {
+        "step": torch.tensor(float(step - 1)),
+        "exp_avg": torch.from_numpy(m.copy()),
+        "exp_avg_sq": torch.from_numpy(v.copy()),
+    }
+    topt.step()
+    ops.adam_step(p, g, m, v, step=step, lr=1e-2)
+    scale = np.abs(tp.detach().numpy()).max() + 1e-2
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=0, atol=STEP_EPS * eps(dtype) * scale)
+    np.testing.assert_allclose(m, topt.state[tp]["exp_avg"].numpy(), rtol=0,
+                               atol=STEP_EPS * eps(dtype) * (np.abs(m).max() + np.abs(g).max()))  # fmt: skip
