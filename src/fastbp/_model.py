@@ -522,8 +522,6 @@ class Sequential(Module):
         library progresses in the background (RDMA networks, a progress thread), not over
         shared memory with every core computing. See :mod:`fastbp.distributed`.
         """
-        from .optim import Adam
-
         loss_obj = resolve_loss(loss)
         Xa = self._fit_inputs(X, "X")
         n = Xa.shape[0]
@@ -538,6 +536,8 @@ class Sequential(Module):
         self._check_batchnorm_batch(min(batch_size, n % batch_size or batch_size), True)
         if optimizer is None:
             if self._fit_optimizer is None:
+                from .optim import Adam  # here, not per call: an import statement costs ~1 us
+
                 self._fit_optimizer = Adam(self.parameters(), lr=1e-3)
             optimizer = self._fit_optimizer
         state = _flat_state(optimizer, self)
@@ -899,10 +899,16 @@ def _to_numpy(value: object, name: str) -> np.ndarray:
     return arr
 
 
-def _flat_state(optimizer: object, model: Sequential):
-    from .optim import Optimizer
+_optimizer_class: type | None = None  # fastbp.optim.Optimizer, imported on first use (a cycle)
 
-    if not isinstance(optimizer, Optimizer):
+
+def _flat_state(optimizer: object, model: Sequential):
+    global _optimizer_class
+    if _optimizer_class is None:
+        from .optim import Optimizer
+
+        _optimizer_class = Optimizer
+    if not isinstance(optimizer, _optimizer_class):
         raise TypeError(
             f"optimizer must be a fastbp.optim optimizer, got {type(optimizer).__name__}"
         )
