@@ -86,41 +86,53 @@ FBP_INLINE VEC LFN(act_grad)(VEC dy, VEC y, fbp_activation act) {
 static void LFN(act_backward_cols)(REAL *dz, REAL *dbias, const REAL *dy, const REAL *y,
                                    int64_t rows, int64_t cols, int64_t c0, int64_t c1,
                                    fbp_activation act, int accumulate) {
+    /* identity in place (a linear output layer's dZ = dY): only the bias sum is left to do */
+    const int store = !(act == FBP_ACT_IDENTITY && dz == dy);
     for (int64_t j0 = c0; j0 < c1; j0 += DB_VECS * VL) {
         const int64_t width = c1 - j0 < DB_VECS * VL ? c1 - j0 : DB_VECS * VL;
+        /* the vectors this block has, the last holding `tail` columns (a narrow layer, e.g.
+         * 1 output, has one) */
+        const int nvec = (int)((width + VL - 1) / VL);
+        const int64_t tail = width - (int64_t)(nvec - 1) * VL;
+        /* fixed-count loops (unrolled, db in registers) that skip the absent vectors */
         VEC db[DB_VECS];
+#pragma GCC unroll 4
         for (int v = 0; v < DB_VECS; v++) {
-            const int64_t j = j0 + v * VL, cnt = width - v * VL;
-            db[v] = !dbias || !accumulate || cnt <= 0 ? V_(vbcast)(0)
-                    : cnt >= VL                       ? V_(vload)(dbias + j)
-                                                      : V_(vload_part)(dbias + j, cnt);
+            if (v >= nvec) break;
+            const int64_t j = j0 + v * VL, cnt = v < nvec - 1 ? VL : tail;
+            db[v] = !dbias || !accumulate ? V_(vbcast)(0)
+                    : cnt == VL           ? V_(vload)(dbias + j)
+                                          : V_(vload_part)(dbias + j, cnt);
         }
         for (int64_t r = 0; r < rows; r++) {
+#pragma GCC unroll 4
             for (int v = 0; v < DB_VECS; v++) {
-                const int64_t cnt = width - v * VL, o = r * cols + j0 + v * VL;
-                if (cnt >= VL) {
+                if (v >= nvec) break;
+                const int64_t cnt = v < nvec - 1 ? VL : tail, o = r * cols + j0 + v * VL;
+                if (cnt == VL) {
                     VEC g = LFN(act_grad)(V_(vload)(dy + o), V_(vload)(y + o), act);
-                    V_(vstore)(dz + o, g);
+                    if (store) V_(vstore)(dz + o, g);
                     db[v] += g;
-                } else if (cnt > 0) {
+                } else {
                     VEC g =
                         LFN(act_grad)(V_(vload_part)(dy + o, cnt), V_(vload_part)(y + o, cnt), act);
-                    V_(vstore_part)(dz + o, g, cnt);
+                    if (store) V_(vstore_part)(dz + o, g, cnt);
                     db[v] += g;
                 }
             }
         }
         if (!dbias) continue;
+#pragma GCC unroll 4
         for (int v = 0; v < DB_VECS; v++) {
-            const int64_t j = j0 + v * VL, cnt = width - v * VL;
-            if (cnt >= VL)
+            if (v >= nvec) break;
+            const int64_t j = j0 + v * VL, cnt = v < nvec - 1 ? VL : tail;
+            if (cnt == VL)
                 V_(vstore)(dbias + j, db[v]);
-            else if (cnt > 0)
+            else
                 V_(vstore_part)(dbias + j, db[v], cnt);
         }
     }
 }
-
 fbp_status KFN(activation_backward)(REAL *dz, REAL *dbias, const REAL *dy, const REAL *y,
                                     int64_t rows, int64_t cols, fbp_activation act,
                                     int accumulate) {
