@@ -490,15 +490,14 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                            a + (ic + s * MR) * rs_a + pc * cs_a, rs_a, cs_a,
                                            min_i64(MR, mc - s * MR), kc);
                     }
-                    const int64_t jr_lo = 0, jr_hi = n_bs, ir_lo = 0, ir_hi = n_as;
                     /* GEMM_A_OUTER: each A sliver stays in L1 while the B slivers stream from
                      * the L2-resident panel; else each B sliver stays while A streams. */
-                    const int64_t outer_n = GEMM_A_OUTER ? ir_hi - ir_lo : jr_hi - jr_lo;
-                    const int64_t inner_n = GEMM_A_OUTER ? jr_hi - jr_lo : ir_hi - ir_lo;
+                    const int64_t outer_n = GEMM_A_OUTER ? n_as : n_bs;
+                    const int64_t inner_n = GEMM_A_OUTER ? n_bs : n_as;
                     for (int64_t o = 0; o < outer_n; o++) {
                         for (int64_t u = 0; u < inner_n; u++) {
-                            const int64_t ir = ir_lo + (GEMM_A_OUTER ? o : u);
-                            const int64_t jr = jr_lo + (GEMM_A_OUTER ? u : o);
+                            const int64_t ir = GEMM_A_OUTER ? o : u;
+                            const int64_t jr = GEMM_A_OUTER ? u : o;
                             const int64_t i = ic + ir * MR, rows = min_i64(MR, m - i);
                             const int64_t j = jc + jr * NR, cols = min_i64(NR, n - j);
                             /* The C tile is read (or written) right after the FMAs: fetch it
