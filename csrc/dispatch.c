@@ -124,8 +124,10 @@ void fbp_set_flush_denormal(int on) {
 int fbp_get_flush_denormal(void) { return __atomic_load_n(&flush_denormal, __ATOMIC_RELAXED); }
 
 int fbp_team_size(int64_t work, int64_t grain) {
-    if (omp_in_parallel()) return 1; /* nested calls run inside the caller's team */
     int64_t useful = grain > 0 ? work / grain : work;
+    /* before asking OpenMP anything: a tiny network's step makes a dozen of these calls */
+    if (useful < 2) return 1;
+    if (omp_in_parallel()) return 1; /* nested calls run inside the caller's team */
     int64_t n = fbp_get_num_threads();
     if (useful < n) n = useful;
     return n < 1 ? 1 : (int)n;
