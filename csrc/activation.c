@@ -18,6 +18,8 @@
 
 #else /* FBP_TEMPLATE_PASS */
 
+#include "pointwise.h"
+
 /* One loop per activation so the switch is outside the hot loop. */
 #define ACT_LOOP(FN)                                                                               \
     do {                                                                                           \
@@ -62,19 +64,6 @@ fbp_status KFN(activation_forward)(REAL *y, const REAL *x, int64_t n, fbp_activa
         if (lo < hi) LFN(act_forward_range)(y + lo, x + lo, hi - lo, act);
     }
     return FBP_OK;
-}
-
-FBP_INLINE VEC LFN(act_grad)(VEC dy, VEC y, fbp_activation act) {
-    switch (act) {
-    case FBP_ACT_SIGMOID:
-        return dy * (y * (1 - y));
-    case FBP_ACT_TANH:
-        return dy * (1 - y * y);
-    case FBP_ACT_RELU:
-        return V_(vselect)(y > 0, dy, V_(vbcast)(0));
-    default:
-        return dy;
-    }
 }
 
 /* Columns [c0, c1) of every row, in blocks of up to DB_VECS vectors: each block's bias

@@ -189,4 +189,13 @@ const char *fbp_openmp_info(void) {
 FBP_FORWARDERS(float, f32, active_f32)
 FBP_FORWARDERS(double, f64, active_f64)
 
+fbp_status fbp_small_step_f32(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
+                              fbp_optimizer *opt) {
+    return active_f32->small_step(net, loss, rows, kind, opt);
+}
+fbp_status fbp_small_step_f64(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
+                              fbp_optimizer *opt) {
+    return active_f64->small_step(net, loss, rows, kind, opt);
+}
+
 const char *fbp_version(void) { return FASTBP_VERSION; }

@@ -147,6 +147,13 @@ typedef struct {
 
 typedef struct fbp_plan fbp_plan;
 
+/* Plans of small Linear-only networks train through one fused kernel per step (small.c), with
+ * the same bits as the general walk. 0 turns it off, for tests that compare the two. */
+void fbp_set_small_step(int on);
+/* Whether a training step of `batch` rows runs that kernel: every op Linear with at most 256
+ * weights, batch x the largest layer's weights within the GEMM's direct path, not turned off. */
+int fbp_plan_small_step_applies(const fbp_plan *plan, int64_t batch);
+
 /* Validates the op list (sizes chain, offsets inside the buffers) and copies it. */
 fbp_status fbp_plan_create(fbp_plan **plan, fbp_dtype dtype, const fbp_op *ops, int32_t n_ops,
                            int64_t n_params, int64_t n_buffers);

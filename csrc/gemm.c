@@ -39,12 +39,9 @@ enum { GEMM_MR_f32 = 4, GEMM_NV_f32 = 2, GEMM_MC_f32 = 128, GEMM_KC_f32 = 256, G
 enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GEMM_NC_f64 = 4096 };
 #endif
 
-/* Below this many multiply-adds the packed path's fixed costs dominate: compute directly. */
-
 /* B rows the micro-kernel prefetches ahead when its slivers stream from L2 (GEMM_A_OUTER:
  * 1024^3 198 -> 202 GFLOP/s, W3's first-layer products 1.5-3.5% faster). */
 #define GEMM_PREFETCH_ROWS 8
-#define GEMM_DIRECT_MAX_MACS (24 * 24 * 24)
 /* A thread is worth starting for this many multiply-adds (~5 us of one core's work). */
 #define GEMM_THREAD_GRAIN_MACS (1 << 19)
 
@@ -66,18 +63,7 @@ static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to
 #define KC FBP_CAT(GEMM_KC_, SFX)
 #define NC FBP_CAT(GEMM_NC_, SFX)
 
-FBP_INLINE VEC LFN(apply_act)(VEC x, fbp_activation act) {
-    switch (act) {
-    case FBP_ACT_SIGMOID:
-        return V_(vsigmoid)(x);
-    case FBP_ACT_RELU:
-        return V_(vrelu)(x);
-    case FBP_ACT_TANH:
-        return V_(vtanh)(x);
-    default:
-        return x;
-    }
-}
+#include "pointwise.h"
 
 /* The epilogue for `cnt` <= VL consecutive elements of one row of C. The first K block scales
  * the old C by beta (not reading it when beta == 0); later blocks add to it; the last block
@@ -606,7 +592,7 @@ fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, in
         return FBP_OK;
     }
     const double macs = (double)m * (double)n * (double)k;
-    if (macs <= GEMM_DIRECT_MAX_MACS) {
+    if (macs <= FBP_GEMM_DIRECT_MAX_MACS) { /* the packed path's fixed costs would dominate */
         LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act);
         return FBP_OK;
     }

@@ -7,6 +7,28 @@
 
 #include "fastbp.h"
 
+/* Products up to this many multiply-adds take the GEMM's direct path (no packing, no threads),
+ * which sums each element's K terms in order in one register. */
+#define FBP_GEMM_DIRECT_MAX_MACS (24 * 24 * 24)
+
+/* Up to this many outputs the squared-error loss is summed in order by one scalar loop: the
+ * vectorised reduction's setup and 16-term horizontal sum cost more than the rows themselves. */
+#define FBP_MSE_SEQUENTIAL_MAX 32
+
+/* A network the fused small-network step (small.c) can train: Linear ops only (with their fused
+ * activations), every weight matrix at most FBP_SMALL_MAX_WEIGHTS elements. What the step needs
+ * of a plan, borrowed from it for one call. */
+#define FBP_SMALL_MAX_WEIGHTS 256
+typedef struct {
+    const fbp_op *ops;
+    int32_t n_ops;
+    void *params, *grads; /* n_params each */
+    int64_t n_params;
+    const void *input, *target; /* rows x in_features; rows targets */
+    void *const *outs;          /* per op: rows x out_features */
+    void *grad_a, *grad_b;      /* rows x max_width each */
+} fbp_small_net;
+
 /* One table of kernels per ISA and dtype; each kernel object defines its two tables. */
 #define FBP_TABLE_FIELDS(T)                                                                        \
     fbp_status (*gemm)(T *, const T *, const T *, const T *, int64_t, int64_t, int64_t, int64_t,   \
@@ -20,7 +42,8 @@
     fbp_status (*sgd_step)(T *, T *, const T *, int64_t, double, double, double, double, int,      \
                            int);                                                                   \
     fbp_status (*adam_step)(T *, T *, T *, const T *, int64_t, double, double, double, double,     \
-                            double, int, int64_t);
+                            double, int, int64_t);                                                 \
+    fbp_status (*small_step)(const fbp_small_net *, double *, int64_t, fbp_loss, fbp_optimizer *);
 
 typedef struct {
     FBP_TABLE_FIELDS(float)
@@ -31,6 +54,17 @@ typedef struct {
 
 extern const fbp_table_f32 fbp_table_f32_generic, fbp_table_f32_avx2, fbp_table_f32_avx512;
 extern const fbp_table_f64 fbp_table_f64_generic, fbp_table_f64_avx2, fbp_table_f64_avx512;
+
+/* The fused step of a small network on `rows` rows of net->input and net->target: forward
+ * (filling net->outs), the loss (*loss, the batch mean for the MSE and cross-entropy kinds), the
+ * parameter gradients (overwriting net->grads) and, when opt is not NULL, its update (opt->step
+ * incremented). The same bits as the plan's general walk and the optimizer kernels. Stops with
+ * FBP_ERR_NONFINITE, before any gradient, when the loss is not finite. Requires every layer's
+ * rows * in * out <= FBP_GEMM_DIRECT_MAX_MACS. Forwards to the active ISA. */
+fbp_status fbp_small_step_f32(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
+                              fbp_optimizer *opt);
+fbp_status fbp_small_step_f64(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
+                              fbp_optimizer *opt);
 
 /* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
  * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on

@@ -1,10 +1,6 @@
 /* This ISA object's kernel tables, which dispatch.c selects from at run time. */
 #include "kernel.h"
 
-#define FBP_DECLARE_KERNELS_EXPANDED(T, S) FBP_DECLARE_KERNELS(T, S)
-FBP_DECLARE_KERNELS_EXPANDED(float, FBP_CAT3(f32, _, FBP_ISA_SUFFIX))
-FBP_DECLARE_KERNELS_EXPANDED(double, FBP_CAT3(f64, _, FBP_ISA_SUFFIX))
-
 #define FBP_TABLE(S)                                                                               \
     {                                                                                              \
         .gemm = FBP_CAT(fbp_gemm_, S),                                                             \
@@ -14,6 +10,7 @@ FBP_DECLARE_KERNELS_EXPANDED(double, FBP_CAT3(f64, _, FBP_ISA_SUFFIX))
         .mse = FBP_CAT(fbp_mse_, S),                                                               \
         .sgd_step = FBP_CAT(fbp_sgd_step_, S),                                                     \
         .adam_step = FBP_CAT(fbp_adam_step_, S),                                                   \
+        .small_step = FBP_CAT(fbp_small_step_, S),                                                 \
     }
 
 const fbp_table_f32 FBP_CAT(fbp_table_f32_,

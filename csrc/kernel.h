@@ -12,6 +12,15 @@
 #error "kernel sources are compiled once per ISA with FBP_ISA_SUFFIX set"
 #endif
 
+/* This ISA object's kernels: fbp_gemm_f32_avx2, ..., and the fused small-network step. */
+#define FBP_DECLARE_ISA_KERNELS_(T, S)                                                             \
+    FBP_DECLARE_KERNELS(T, S)                                                                      \
+    fbp_status fbp_small_step_##S(const fbp_small_net *net, double *loss, int64_t rows,            \
+                                  fbp_loss kind, fbp_optimizer *opt);
+#define FBP_DECLARE_ISA_KERNELS(T, S) FBP_DECLARE_ISA_KERNELS_(T, S)
+FBP_DECLARE_ISA_KERNELS(float, FBP_CAT3(f32, _, FBP_ISA_SUFFIX))
+FBP_DECLARE_ISA_KERNELS(double, FBP_CAT3(f64, _, FBP_ISA_SUFFIX))
+
 #endif /* FASTBP_KERNEL_H */
 
 /* (Re)defines the dtype macros; included with FBP_DTYPE_F32 or FBP_DTYPE_F64 defined. */

@@ -16,6 +16,8 @@
 
 #else /* FBP_TEMPLATE_PASS */
 
+#include "pointwise.h"
+
 FBP_INLINE REAL LFN(hmax)(VEC v) {
     REAL lanes[FBP_VBYTES / sizeof(REAL)];
     V_(vstore)(lanes, v);
@@ -86,6 +88,10 @@ fbp_status KFN(mse)(double *loss, REAL *dpred, const REAL *pred, const REAL *tar
     if (n == 0) return FBP_OK;
     if (!pred || !target) return FBP_ERR_INVALID;
     const REAL gscale = (REAL)(2 * scale);
+    if (n <= FBP_MSE_SEQUENTIAL_MAX) {
+        *loss = LFN(mse_sequential)(dpred, pred, target, n, gscale) * scale;
+        return FBP_OK;
+    }
     double total = 0;
 #pragma omp simd reduction(+ : total)
     for (int64_t i = 0; i < n; i++) {

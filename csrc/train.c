@@ -39,7 +39,17 @@ struct fbp_plan {
     int last_training;
     uint64_t seed, dropout_calls;
     int64_t row_offset; /* the batch's first row within a sharded global batch (dropout masks) */
+
+    /* The fused small-network step (small.c): when every op is a Linear of at most
+     * FBP_SMALL_MAX_WEIGHTS weights, the largest in x out, else 0. */
+    int64_t small_weights;
 };
+
+static int small_step_enabled = 1;
+
+void fbp_set_small_step(int on) {
+    __atomic_store_n(&small_step_enabled, on != 0, __ATOMIC_RELAXED);
+}
 
 static size_t dtype_size(fbp_dtype dtype) {
     return dtype == FBP_F64 ? sizeof(double) : sizeof(float);
@@ -176,6 +186,14 @@ fbp_status fbp_plan_create(fbp_plan **out, fbp_dtype dtype, const fbp_op *ops, i
     plan->out_features = ops[n_ops - 1].out_features;
     plan->max_width = max_width;
     plan->last_batch = -1;
+    for (int32_t i = 0; i < n_ops; i++) {
+        const int64_t weights = ops[i].in_features * ops[i].out_features;
+        if (ops[i].kind != FBP_OP_LINEAR || weights > FBP_SMALL_MAX_WEIGHTS) {
+            plan->small_weights = 0;
+            break;
+        }
+        if (weights > plan->small_weights) plan->small_weights = weights;
+    }
     *out = plan;
     return FBP_OK;
 }
@@ -211,6 +229,14 @@ void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n) {
     if (op >= 0 && op < plan->n_ops) plan->bn_batches[op] = n;
 }
 
+/* An activation buffer (an op's output, grad_a, grad_b) of rows x width, with one vector of
+ * slack after it: the fused small step stores whole vectors, in ascending order, so that the
+ * loads after them forward from the stores instead of waiting for masked ones to reach the
+ * cache (W2: 0.19 -> 0.17 us per step). */
+static size_t activation_bytes(size_t rows, int64_t width, size_t elem) {
+    return align_up(rows * (size_t)width * elem) + FBP_ALIGN;
+}
+
 /* Size the workspace for `rows` rows; grows only, so steady-state steps never allocate. */
 static fbp_status reserve(fbp_plan *plan, int64_t rows) {
     if (rows <= plan->capacity) return FBP_OK;
@@ -219,12 +245,12 @@ static fbp_status reserve(fbp_plan *plan, int64_t rows) {
     size_t total = align_up(r * (size_t)plan->in_features * t);
     for (int32_t i = 0; i < plan->n_ops; i++) {
         const fbp_op *op = &plan->ops[i];
-        total += align_up(r * (size_t)op->out_features * t);
+        total += activation_bytes(r, op->out_features, t);
         if (op->kind == FBP_OP_DROPOUT) total += align_up(r * (size_t)op->out_features * t);
         if (op->kind == FBP_OP_BATCHNORM)
             total += align_up(2 * (size_t)op->out_features * sizeof(double));
     }
-    total += 2 * align_up(r * (size_t)plan->max_width * t);
+    total += 2 * activation_bytes(r, plan->max_width, t);
     size_t target_elem = (size_t)plan->out_features * t;
     if (target_elem < sizeof(int64_t)) target_elem = sizeof(int64_t);
     total += align_up(r * target_elem);
@@ -241,7 +267,7 @@ static fbp_status reserve(fbp_plan *plan, int64_t rows) {
     for (int32_t i = 0; i < plan->n_ops; i++) {
         const fbp_op *op = &plan->ops[i];
         plan->outs[i] = p;
-        p += align_up(r * (size_t)op->out_features * t);
+        p += activation_bytes(r, op->out_features, t);
         if (op->kind == FBP_OP_DROPOUT) {
             plan->masks[i] = p;
             p += align_up(r * (size_t)op->out_features * t);
@@ -252,11 +278,19 @@ static fbp_status reserve(fbp_plan *plan, int64_t rows) {
         }
     }
     plan->grad_a = p;
-    p += align_up(r * (size_t)plan->max_width * t);
+    p += activation_bytes(r, plan->max_width, t);
     plan->grad_b = p;
-    p += align_up(r * (size_t)plan->max_width * t);
+    p += activation_bytes(r, plan->max_width, t);
     plan->target = p;
     return FBP_OK;
+}
+
+/* A small network whose every product takes the direct GEMM trains through the fused step
+ * (small.c), with the same bits as the general walk. */
+int fbp_plan_small_step_applies(const fbp_plan *plan, int64_t batch) {
+    return plan->small_weights && batch > 0 &&
+           (double)batch * (double)plan->small_weights <= FBP_GEMM_DIRECT_MAX_MACS &&
+           __atomic_load_n(&small_step_enabled, __ATOMIC_RELAXED);
 }
 
 #define FBP_TRAIN_PASS 1
@@ -601,6 +635,20 @@ static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
     return st;
 }
 
+/* The fused step; opt NULL: gradients only. Leaves the plan as forward and backward would. */
+static fbp_status TFN(small_step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
+                                  fbp_optimizer *opt) {
+    const fbp_small_net net = {plan->ops,      plan->n_ops, plan->params, plan->grads,
+                               plan->n_params, plan->input, plan->target, plan->outs,
+                               plan->grad_a,   plan->grad_b};
+    const fbp_status st = KERNEL(small_step)(&net, loss, rows, kind, opt);
+    for (int32_t i = 0; i < plan->n_ops; i++) plan->cur_out[i] = plan->outs[i];
+    plan->last_batch = rows;
+    plan->last_training = 1;
+    if (st != FBP_OK) memset(plan->grads, 0, (size_t)plan->n_params * sizeof(REAL));
+    return st;
+}
+
 /* zero_grad, forward, loss, backward on the batch already in plan->input and plan->target:
  * grads = grad_scale * d(mean loss)/d(params). A non-finite loss stops before backward (grads
  * zeroed) with FBP_ERR_NONFINITE. Backward overwrites the gradients, so a successful step needs
@@ -608,6 +656,8 @@ static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
 static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
                                          double grad_scale, fbp_grads_ready_fn grads_ready,
                                          void *ctx) {
+    if (fbp_plan_small_step_applies(plan, rows) && !grads_ready && grad_scale == 1)
+        return TFN(small_step)(plan, loss, rows, kind, NULL);
     fbp_status st = TFN(forward)(plan, rows, 1);
     if (st == FBP_OK) st = TFN(loss)(plan, loss, plan->grad_a, plan->target, rows, kind);
     if (st == FBP_OK && !isfinite(*loss)) st = FBP_ERR_NONFINITE; /* weights stay valid */
@@ -626,6 +676,8 @@ static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t r
 /* One step on the batch already in plan->input and plan->target. */
 static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
                             fbp_optimizer *opt) {
+    if (fbp_plan_small_step_applies(plan, rows))
+        return TFN(small_step)(plan, loss, rows, kind, opt);
     fbp_status st = TFN(compute_gradients)(plan, loss, rows, kind, 1.0, NULL, NULL);
     if (st == FBP_OK) st = TFN(update)(plan, opt);
     return st;

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-KERNELS = ["gemm", "activation", "loss", "optim", "isa_table"]
+KERNELS = ["gemm", "activation", "loss", "optim", "small", "isa_table"]
 VARIANTS = {
     "generic": ["-DFBP_BUILD_GENERIC=1"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DFBP_BUILD_AVX2=1"],

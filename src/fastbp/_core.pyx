@@ -36,6 +36,7 @@ cdef extern from "fastbp.h" nogil:
     void fbp_set_flush_denormal(int on)
     int fbp_get_flush_denormal()
     const char *fbp_openmp_info()
+    void fbp_set_small_step(int on)
 
     fbp_status fbp_gemm_f32(float *c, const float *a, const float *b, const float *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, float alpha, float beta, fbp_activation act)
     fbp_status fbp_gemm_f64(double *c, const double *a, const double *b, const double *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, double alpha, double beta, fbp_activation act)
@@ -82,6 +83,7 @@ cdef extern from "fastbp.h" nogil:
     void fbp_plan_set_seed(fbp_plan *plan, uint64_t seed)
     int64_t fbp_plan_batchnorm_batches(const fbp_plan *plan, int32_t op)
     void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n)
+    int fbp_plan_small_step_applies(const fbp_plan *plan, int64_t batch)
     fbp_status fbp_plan_forward(fbp_plan *plan, void *out, const void *x, int64_t batch, int training)
     fbp_status fbp_plan_backward(fbp_plan *plan, void *dx, const void *dy, int64_t batch)
     fbp_status fbp_plan_loss(fbp_plan *plan, double *loss, void *dout, const void *target, int64_t batch, fbp_loss loss_kind)
@@ -158,6 +160,12 @@ def set_flush_denormal(bint on):
 
 def get_flush_denormal():
     return bool(fbp_get_flush_denormal())
+
+
+def _set_small_step(bint on):
+    """Testing hook: False trains small networks through the general walk instead of the fused
+    step (small.c); both give the same bits."""
+    fbp_set_small_step(on)
 
 
 def openmp_info():
@@ -427,6 +435,10 @@ cdef class Plan:
 
     def set_batchnorm_batches(self, int32_t op, int64_t n):
         fbp_plan_set_batchnorm_batches(self.plan, op, n)
+
+    def small_step_applies(self, int64_t batch):
+        """Whether a training step on ``batch`` rows runs the fused small-network kernel."""
+        return bool(fbp_plan_small_step_applies(self.plan, batch))
 
     def forward(self, x, out, bint training):
         cdef const void *xp = data_ptr(x)

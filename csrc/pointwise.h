@@ -1,0 +1,46 @@
+/* Per-dtype inline helpers shared by the kernel families: an activation's value (the GEMM
+ * epilogue, the fused small-network step), its derivative taken from the activation's output
+ * (activation_backward, the fused step) and the squared error of a few outputs (loss.c, the
+ * fused step). One definition, so every path applies the same
+ * arithmetic. No include guard: a family includes this in each of its dtype passes, after
+ * kernel.h has set REAL, VEC and LFN for that pass. */
+
+FBP_INLINE VEC LFN(apply_act)(VEC x, fbp_activation act) {
+    switch (act) {
+    case FBP_ACT_SIGMOID:
+        return V_(vsigmoid)(x);
+    case FBP_ACT_RELU:
+        return V_(vrelu)(x);
+    case FBP_ACT_TANH:
+        return V_(vtanh)(x);
+    default:
+        return x;
+    }
+}
+
+/* dy * act'(x), from y = act(x): sigmoid y(1-y), tanh 1-y^2, relu y > 0. */
+FBP_INLINE VEC LFN(act_grad)(VEC dy, VEC y, fbp_activation act) {
+    switch (act) {
+    case FBP_ACT_SIGMOID:
+        return dy * (y * (1 - y));
+    case FBP_ACT_TANH:
+        return dy * (1 - y * y);
+    case FBP_ACT_RELU:
+        return V_(vselect)(y > 0, dy, V_(vbcast)(0));
+    default:
+        return dy;
+    }
+}
+
+/* sum (pred - target)^2 over n elements in order, in double (each square is exact), and
+ * dpred = gscale * (pred - target) when dpred is not NULL. */
+FBP_INLINE double LFN(mse_sequential)(REAL *dpred, const REAL *pred, const REAL *target, int64_t n,
+                                      REAL gscale) {
+    double total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const REAL d = pred[i] - target[i];
+        total += (double)d * (double)d;
+        if (dpred) dpred[i] = gscale * d;
+    }
+    return total;
+}

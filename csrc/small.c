@@ -1,0 +1,208 @@
+/* The training step of a small network as one kernel: forward, loss, backward and the optimizer
+ * update of Linear layers (with their fused activations) small enough that every product takes
+ * the GEMM's direct path. A tiny network's step is a chain of dependent latencies a few hundred
+ * nanoseconds long, and the general walk (train.c through the dispatch table: eight GEMM calls,
+ * three activation and loss calls and the update for W2's 1-2-5-1) spent about half of it in
+ * calls, argument checks and stride-generic loops. Here each layer is a few loops over
+ * registers with the layout known. W2: 0.285 -> 0.17 us per step.
+ *
+ * Every element gets exactly the operations of the general path, in the same order: the direct
+ * GEMM (K terms from 0 in order, one FMA each, then the bias, then the activation),
+ * act_backward_cols (the bias gradient summed over rows in order from 0), loss.c's arithmetic
+ * and optim.c's updates (the same code, update.h). So the two give the same bits
+ * (tests/test_small_step.py compares them on every ISA), and which one ran never shows.
+ *
+ *   forward  y_i  = act_i(x_i @ W_i^T + b_i)        x_0 = input (rows x in), x_{i+1} = y_i
+ *   backward dZ_i = dY_i * act_i'(y_i), db_i = colsum(dZ_i), dW_i = dZ_i^T @ x_i,
+ *            dY_{i-1} = dZ_i @ W_i
+ *
+ * Compiled once per ISA; includes itself once per dtype (see kernel.h). */
+#ifndef FBP_TEMPLATE_PASS
+#include <tgmath.h> /* sqrt resolves to sqrtf for float (update.h) */
+
+#include "kernel.h"
+
+#define FBP_TEMPLATE_PASS 1
+#include "small.c"
+#define FBP_DTYPE_F64 1
+#include "kernel.h"
+#include "small.c"
+
+#else /* FBP_TEMPLATE_PASS */
+
+#include "pointwise.h"
+#include "update.h"
+
+/* `cnt` (1..VL) consecutive elements, zeros after. */
+FBP_INLINE VEC LFN(small_load)(const REAL *p, int64_t cnt) {
+    return cnt == VL ? V_(vload)(p) : V_(vload_part)(p, cnt);
+}
+FBP_INLINE void LFN(small_store)(REAL *p, VEC v, int64_t cnt) {
+    if (cnt == VL)
+        V_(vstore)(p, v);
+    else
+        V_(vstore_part)(p, v, cnt);
+}
+
+/* An activation's `cnt` lanes at p, as one whole-vector store when p is vector-aligned (lanes
+ * past cnt belong to later rows or the slack; see below). A misaligned one would split across
+ * two cache lines, which cost W1 (10 rows of 1) more than the forwarding gains. */
+FBP_INLINE void LFN(small_store_ahead)(REAL *p, VEC v, int64_t cnt) {
+    if (cnt == VL || (uintptr_t)p % FBP_VBYTES == 0)
+        V_(vstore)(p, v);
+    else
+        V_(vstore_part)(p, v, cnt);
+}
+
+/* Column p of W's rows [j0, j0 + cnt): W[j0 + l][p] in lane l, zeros after. W (out x in) is
+ * read in place: a gather forwards from the update's fresh stores, where writing a transposed
+ * copy and reloading it as a vector stalled on every load (W2: 0.24 -> 0.21 us per step). */
+FBP_INLINE VEC LFN(small_column)(const REAL *w, int64_t in, int64_t cnt) {
+    return cnt == 1 ? V_(vload_part)(w, 1) : V_(vgather_part)(w, in, cnt);
+}
+
+/* The activation buffers (layer outputs, dL/dy, dL/dz) are written in whole vectors, rows and
+ * columns in ascending order: a vector that runs past its row's end writes lanes a later store
+ * overwrites (or the buffer's one-vector slack, see train.c's activation_bytes), and a load
+ * contained in one earlier full store forwards from it, where one after a masked store waits
+ * for that store to reach the cache. Lanes past a row's end hold harmless finite values. */
+
+/* y (rows x out) = act(x (rows x in) @ W^T + b) with W (out x in). */
+static void LFN(small_linear_forward)(REAL *restrict y, const REAL *restrict x,
+                                      const REAL *restrict w, const REAL *restrict bias,
+                                      int64_t rows, int64_t in, int64_t out, fbp_activation act) {
+    for (int64_t r = 0; r < rows; r++) {
+        const REAL *xr = x + r * in;
+        for (int64_t j0 = 0; j0 < out; j0 += VL) {
+            const int64_t cnt = out - j0 < VL ? out - j0 : VL;
+            VEC acc = V_(vbcast)(0);
+            for (int64_t p = 0; p < in; p++)
+                acc += V_(vbcast)(xr[p]) * LFN(small_column)(w + j0 * in + p, in, cnt);
+            if (bias) acc += LFN(small_load)(bias + j0, cnt);
+            LFN(small_store_ahead)(y + r * out + j0, LFN(apply_act)(acc, act), cnt);
+        }
+    }
+}
+
+/* From dy = dL/dy (rows x out): dz = dL/dz, db (out, when not NULL), dw (out x in) and, when
+ * dx is not NULL, dx = dL/dx (rows x in), which may be dy's buffer (dy is read first). y is the
+ * layer's output, x its input, w its weight. */
+static void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *restrict dw,
+                                       REAL *restrict db, const REAL *dy, const REAL *restrict y,
+                                       const REAL *restrict x, const REAL *restrict w, int64_t rows,
+                                       int64_t in, int64_t out, fbp_activation act) {
+    const int64_t vecs = (out + VL - 1) / VL;
+    for (int64_t v = 0; v < vecs; v++) {
+        const int64_t cnt = out - v * VL < VL ? out - v * VL : VL;
+        /* one vector per row runs on into the next rows, written after it; else, in place */
+        const int ahead = cnt == VL || vecs == 1;
+        VEC dbv = V_(vbcast)(0); /* summed over the rows in order */
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t o = r * out + v * VL;
+            const VEC d =
+                LFN(act_grad)(LFN(small_load)(dy + o, cnt), LFN(small_load)(y + o, cnt), act);
+            if (ahead)
+                LFN(small_store_ahead)(dz + o, d, cnt);
+            else
+                V_(vstore_part)(dz + o, d, cnt);
+            dbv += d;
+        }
+        if (db) LFN(small_store)(db + v * VL, dbv, cnt);
+    }
+    for (int64_t j = 0; j < out; j++) /* dW = dZ^T @ x: row j sums rows of x weighted by dZ[:, j] */
+        for (int64_t p0 = 0; p0 < in; p0 += VL) {
+            const int64_t cnt = in - p0 < VL ? in - p0 : VL;
+            VEC acc = V_(vbcast)(0);
+            for (int64_t r = 0; r < rows; r++)
+                acc += V_(vbcast)(dz[r * out + j]) * LFN(small_load)(x + r * in + p0, cnt);
+            LFN(small_store)(dw + j * in + p0, acc, cnt);
+        }
+    if (!dx) return;
+    for (int64_t r = 0; r < rows; r++) /* dX = dZ @ W: rows of W weighted by dZ[r, :] */
+        for (int64_t p0 = 0; p0 < in; p0 += VL) {
+            const int64_t cnt = in - p0 < VL ? in - p0 : VL;
+            VEC acc = V_(vbcast)(0);
+            for (int64_t j = 0; j < out; j++)
+                acc += V_(vbcast)(dz[r * out + j]) * LFN(small_load)(w + j * in + p0, cnt);
+            LFN(small_store_ahead)(dx + r * in + p0, acc, cnt);
+        }
+}
+
+fbp_status KFN(small_step)(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
+                           fbp_optimizer *opt) {
+    if (!net || !loss || rows <= 0 || net->n_ops <= 0) return FBP_ERR_INVALID;
+    const int adam = opt && (opt->kind == FBP_OPT_ADAM || opt->kind == FBP_OPT_ADAMW);
+    if (opt) { /* sgd_step's and adam_step's checks (optim.c), before anything is written */
+        if (opt->kind == FBP_OPT_SGD && opt->momentum != 0 && !opt->state1) return FBP_ERR_INVALID;
+        if (adam && (!opt->state1 || !opt->state2 || opt->step < 0)) return FBP_ERR_INVALID;
+        if (opt->kind != FBP_OPT_SGD && !adam) return FBP_ERR_INVALID;
+    }
+    /* The update's scalars first: Adam's pow and sqrt do not depend on the batch, so issued here
+     * they run in the idle ports of the forward's dependency chain instead of after it. */
+    LFN(adam_coefs) coefs = {0};
+    if (adam)
+        coefs = LFN(adam_coefficients)(opt->lr, opt->beta1, opt->beta2, opt->eps, opt->weight_decay,
+                                       opt->kind == FBP_OPT_ADAMW, opt->step + 1);
+    const fbp_op *ops = net->ops;
+    const int32_t n_ops = net->n_ops;
+    REAL *params = net->params, *grads = net->grads;
+    const REAL *x = net->input;
+    for (int32_t i = 0; i < n_ops; i++) {
+        const fbp_op *op = &ops[i];
+        REAL *y = net->outs[i];
+        LFN(small_linear_forward)(y, x, params + op->weight,
+                                  op->bias >= 0 ? params + op->bias : NULL, rows, op->in_features,
+                                  op->out_features, (fbp_activation)op->activation);
+        x = y;
+    }
+    const int64_t classes = ops[n_ops - 1].out_features, outputs = rows * classes;
+    REAL *g = net->grad_a, *dz = net->grad_b; /* dL/dy (and dL/dx after it), dL/dz */
+    fbp_status st = FBP_OK;
+    switch (kind) { /* loss.c's kernels, with the same arithmetic */
+    case FBP_LOSS_MSE:
+    case FBP_LOSS_MSE_SUM: {
+        const double scale = kind == FBP_LOSS_MSE ? 1.0 / (double)outputs : 1.0;
+        const REAL gscale = (REAL)(2 * scale);
+        const REAL *target = net->target;
+        for (int64_t r = 0; r < rows; r++) /* the gradient in the layout backward loads it */
+            for (int64_t j0 = 0; j0 < classes; j0 += VL) {
+                const int64_t o = r * classes + j0, cnt = classes - j0 < VL ? classes - j0 : VL;
+                const VEC d = LFN(small_load)(x + o, cnt) - LFN(small_load)(target + o, cnt);
+                LFN(small_store_ahead)(g + o, d * gscale, cnt);
+            }
+        if (outputs <= FBP_MSE_SEQUENTIAL_MAX) /* the kernel's call costs more than the sum */
+            *loss = LFN(mse_sequential)(NULL, x, target, outputs, gscale) * scale;
+        else
+            st = KFN(mse)(loss, NULL, x, target, outputs, scale);
+        break;
+    }
+    case FBP_LOSS_CROSS_ENTROPY:
+        st = KFN(softmax_xent)(loss, g, x, net->target, rows, classes, 1.0 / (double)rows);
+        break;
+    default:
+        return FBP_ERR_INVALID;
+    }
+    if (st != FBP_OK) return st;
+    if (!isfinite(*loss)) return FBP_ERR_NONFINITE;
+    for (int32_t i = n_ops - 1; i >= 0; i--) {
+        const fbp_op *op = &ops[i];
+        const REAL *xi = i == 0 ? (const REAL *)net->input : (const REAL *)net->outs[i - 1];
+        LFN(small_linear_backward)(i > 0 ? g : NULL, dz, grads + op->weight,
+                                   op->bias >= 0 ? grads + op->bias : NULL, g, net->outs[i], xi,
+                                   params + op->weight, rows, op->in_features, op->out_features,
+                                   (fbp_activation)op->activation);
+    }
+    if (!opt) return FBP_OK;
+    /* sgd_step's and adam_step's updates, on one thread: the update is element by element, so
+     * its bits do not depend on the split */
+    if (adam)
+        LFN(adam_range)(params, opt->state1, opt->state2, grads, net->n_params, &coefs);
+    else
+        LFN(sgd_range)(params, opt->state1, grads, net->n_params, (REAL)opt->lr,
+                       (REAL)opt->momentum, (REAL)(1.0 - opt->dampening), (REAL)opt->weight_decay,
+                       opt->nesterov, opt->step == 0);
+    opt->step++;
+    return FBP_OK;
+}
+
+#endif /* FBP_TEMPLATE_PASS */
