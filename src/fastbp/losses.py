@@ -72,14 +72,18 @@ def resolve_loss(loss: object) -> Loss:
     """A Loss object from a Loss or a name ('mse', 'mse_sum', 'cross_entropy')."""
     if isinstance(loss, Loss):
         return loss
-    names = {
-        "mse": lambda: MSELoss(),
-        "mse_sum": lambda: MSELoss("sum"),
-        "cross_entropy": CrossEntropyLoss,
-        "crossentropy": CrossEntropyLoss,
-    }
-    if isinstance(loss, str) and loss.lower() in names:
-        return names[loss.lower()]()
+    if isinstance(loss, str):
+        make = _LOSS_NAMES.get(loss.lower())
+        if make is not None:
+            return make()
     raise ValueError(
         f"loss must be 'mse', 'mse_sum', 'cross_entropy' or a fastbp loss object, got {loss!r}"
     )
+
+
+_LOSS_NAMES = {
+    "mse": MSELoss,
+    "mse_sum": lambda: MSELoss("sum"),
+    "cross_entropy": CrossEntropyLoss,
+    "crossentropy": CrossEntropyLoss,
+}
