@@ -447,7 +447,7 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
      * per A sliver (m = 1024 x 784 x 256: 189 -> 178 in place; m = 128 x 784 x 256: 182 -> 193). */
     const size_t b_row_bytes = (size_t)rs_b * sizeof(REAL);
     const int direct_b =
-        GEMM_A_OUTER && cs_b == 1 && b_row_bytes % 4096 != 0 && b_row_bytes < 16384 && m <= 32 * MR;
+        GEMM_A_OUTER && cs_b == 1 && b_row_bytes % 4096 != 0 && b_row_bytes < 16384 && m <= 16 * MR;
     /* A row-major A is read in place too (BLIS's "sup"): its MR x KC sliver is the operand kept
      * in L1 (GEMM_A_OUTER), as rows instead of an interleaved copy. Same conditions on the row
      * stride as for B; full slivers only. */
