@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import fastbp
-from fastbp import CrossEntropyLoss, MSELoss, Parameter, ops, optim
+from fastbp import CrossEntropyLoss, MSELoss, Parameter, _core, ops, optim
+from fastbp._random import derive_seed
 from fastbp.optim import lr_scheduler
 from tests.conftest import using_threads
 
@@ -263,6 +264,30 @@ def test_shuffle_false_trains_in_sequential_order():
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.fit(X, Y, optimizer=opt, epochs=2, batch_size=10, shuffle=True, seed=0)
     assert not np.array_equal(model._params, ref._params)
+
+
+def test_consecutive_batches_read_in_place_equal_copied_ones():
+    """A batch of consecutive rows (shuffle=False) is read straight from X, a shuffled one is
+    gathered into a copy: a net above the fused small-step size trains bitwise as the step API
+    does on copies in both cases. Once fit returns the plan keeps no reference to X: a backward
+    without a forward is refused (Python refuses it after any fit)."""
+    X, Y = regression_data(60)
+    X = np.ascontiguousarray(np.tile(X, (1, 10)))  # 40 inputs: 1280 weights in the first layer
+    for shuffle in (False, True):
+        order = np.arange(len(X), dtype=np.int64)
+        if shuffle:  # fit's order for seed 3, epoch 0
+            _core.shuffle(order, derive_seed(3, 0, 0))
+        ref = fastbp.MLP([40, 32, 2], seed=0)
+        opt = optim.Adam(ref.parameters(), lr=0.01)
+        step_api_epoch(ref, X, Y, MSELoss(), opt, 10, order)
+        model = fastbp.MLP([40, 32, 2], seed=0)
+        assert not model._plan.small_step_applies(10)
+        opt = optim.Adam(model.parameters(), lr=0.01)
+        model.fit(X, Y, optimizer=opt, epochs=1, batch_size=10, shuffle=shuffle, seed=3)
+        assert np.array_equal(model._params, ref._params)
+        if not shuffle:  # the last batch was X's own rows
+            with pytest.raises(RuntimeError, match="call forward"):
+                model._plan.backward(np.ones((10, 2), np.float32), None)
 
 
 # ---- argument errors ---------------------------------------------------------------------------------
