@@ -446,14 +446,19 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
      * (a page per row), nor for tall C: packing's cost shrinks with m while strided reads cost
      * per A sliver (m = 1024 x 784 x 256: 189 -> 178 in place; m = 128 x 784 x 256: 182 -> 193). */
     const size_t b_row_bytes = (size_t)rs_b * sizeof(REAL);
-    const int direct_b =
-        GEMM_A_OUTER && cs_b == 1 && b_row_bytes % 4096 != 0 && b_row_bytes < 16384 && m <= 16 * MR;
+    /* An operand each of whose slivers is used once (C one sliver tall for B, one sliver wide
+     * for A: a 10-class layer's products) gains nothing from packing, and with no reuse the L1
+     * set conflicts of 4 KiB rows do not matter: W4's 10 x 1024 x 256 weight gradient and
+     * 256 x 10 x 1024 forward packed 1 MB each for 2.6M multiply-adds. */
+    const int b_used_once = m <= MR, a_used_once = n <= NR;
+    const int direct_b = GEMM_A_OUTER && cs_b == 1 && (b_row_bytes % 4096 != 0 || b_used_once) &&
+                         b_row_bytes < 16384 && m <= 16 * MR;
     /* A row-major A is read in place too (BLIS's "sup"): its MR x KC sliver is the operand kept
      * in L1 (GEMM_A_OUTER), as rows instead of an interleaved copy. Same conditions on the row
      * stride as for B; full slivers only. */
     const size_t a_row_bytes = (size_t)rs_a * sizeof(REAL);
-    const int direct_a =
-        GEMM_A_OUTER && cs_a == 1 && a_row_bytes % 4096 != 0 && a_row_bytes < 16384;
+    const int direct_a = GEMM_A_OUTER && cs_a == 1 && (a_row_bytes % 4096 != 0 || a_used_once) &&
+                         a_row_bytes < 16384;
     {
         VEC acc[MR][NV];
         for (int64_t jc = 0; jc < n; jc += NC) {
