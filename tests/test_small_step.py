@@ -112,7 +112,7 @@ NETS = [
     ((2, 1), ["identity"]),  # W1
     ((3, 7, 2), ["relu"]),
     ((9, 16, 16, 3), ["tanh", "relu"]),  # whole AVX-512 vectors
-    ((4, 17, 9, 2), ["sigmoid", "tanh"]),  # 17 wide: two vectors on every ISA, ragged
+    ((4, 17, 9, 2), ["sigmoid", "tanh"]),  # 17 wide: more than one vector on every ISA, ragged
     ((1, 1, 1), ["relu"]),
     ((8, 32, 5), ["sigmoid"]),  # 256 weights: the largest layer allowed
 ]
