@@ -76,3 +76,22 @@ def test_bad_arguments_are_reported(tmp_path: pathlib.Path) -> None:
     assert proc.returncode == 2
     assert "--threads must be >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "threads,min_flops,expected",
+    [(2, 0.0, "every run"), (1, 0.0, "none"), (2, float("inf"), "none")],
+)
+def test_parallel_runs_wait_for_idle_thread_pools(monkeypatch, threads, min_flops, expected):
+    """Before each timed run of a parallel workload (threads > 1, enough flops) the runner waits
+    for the previous contender's spinning thread pools; on one thread, or for a tiny workload,
+    it does not wait."""
+    from fastbp.bench import report
+
+    calls = []
+    monkeypatch.setattr(report, "_settle", lambda: calls.append(1))
+    monkeypatch.setattr(report, "_SETTLE_MIN_FLOPS", min_flops)
+    row = report._run_workload("W1", threads, 1, "smoke", lambda *_: None)
+    timed = sum(len(run.times) for run in row.runs.values())
+    assert timed >= 2  # fastbp and at least one peer ran
+    assert len(calls) == (timed if expected == "every run" else 0)

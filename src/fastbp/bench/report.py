@@ -159,6 +159,23 @@ def run_suite(
     )
 
 
+# Before each timed run of a parallel workload, wait for the previous contender's idle thread
+# pools to stop spinning: OpenBLAS's and torch's busy-wait for a while after each call, on the
+# cores the next contender needs (W3 at 2 threads: fastbp 304-335 ms measured right after them,
+# 228 ms after the wait; torch 511 -> 434 ms). Not for the tiny workloads, which run on one
+# thread whatever the setting: there the wait only cooled the caches (W1 197 -> 356 us).
+_SETTLE_SECONDS = 0.3
+_SETTLE_MIN_FLOPS = 1e9
+
+
+def _settle() -> None:
+    """Busy-wait _SETTLE_SECONDS on this thread, so that its core stays awake and clocked up
+    (a sleep let it drop into an idle state)."""
+    end = time.perf_counter() + _SETTLE_SECONDS
+    while time.perf_counter() < end:
+        pass
+
+
 def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> BenchRow:
     workload = scaled(WORKLOADS[key], scale)
     problem = make_problem(workload)
@@ -172,6 +189,8 @@ def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> Bench
             run = runs[c]
             try:
                 train = prepare(c, problem)
+                if threads > 1 and workload.flops >= _SETTLE_MIN_FLOPS:
+                    _settle()
                 t0 = time.perf_counter()
                 result = train()
                 elapsed = time.perf_counter() - t0
