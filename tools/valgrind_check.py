@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Run a small fastbp workload under valgrind memcheck and fail on definite leaks from fastbp.
 
-The workload builds models (with BatchNorm and Dropout), fits, predicts, evaluates, runs the
-step API and every ops kernel, saves and loads, and triggers refused calls. valgrind reports
+The workload builds models (with BatchNorm and Dropout, and a small one that trains through the
+fused small-network step), fits, predicts, evaluates, runs the step API and every ops kernel, saves and loads, and triggers refused calls. valgrind reports
 every "definitely lost" block; CPython and NumPy have their own (benign, at-exit) ones, so only
 records whose allocation stack passes through fastbp's extension (_core / fbp_ symbols) count.
 
@@ -54,6 +54,9 @@ WORKLOAD = textwrap.dedent(
         p = np.ones(100); g = np.ones(100); m = np.zeros(100); v = np.zeros(100)
         ops.sgd_step(p, g, m, lr=0.1, momentum=0.9)
         ops.adam_step(p, g, m, v, step=1)
+        tiny = fastbp.MLP([8, 5, 3], activation="sigmoid", seed=i)  # the fused small-net step
+        tiny.fit(X, y, loss="cross_entropy", epochs=2, batch_size=4, seed=i)
+        tiny.train_step(X[:4], y[:4], "cross_entropy", optim.Adam(tiny.parameters()))
         for bad in (lambda: model.fit(X[:, :3], y), lambda: fastbp.load(path + ".missing")):
             try:
                 bad()
