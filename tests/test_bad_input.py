@@ -1261,3 +1261,32 @@ def test_all_finite_agrees_with_numpy_on_every_float32_exponent():
     for v in values:
         one = np.array([1.0, v, 2.0], dtype=np.float32)
         assert _core.all_finite(one) == bool(np.isfinite(one).all()), hex(v.view(np.uint32))
+
+
+def test_all_finite_takes_any_contiguous_float_array_and_declines_the_rest():
+    """The scan reads C-contiguous float32/float64 arrays of any shape in place; for anything
+    else it returns None and the callers fall back to numpy, so every array is still checked."""
+    from fastbp import _core
+    from fastbp._model import _all_finite
+
+    for dtype in (np.float32, np.float64):
+        grid = np.zeros((3, 5, 7), dtype)
+        assert _core.all_finite(grid) is True
+        grid[2, 4, 6] = np.nan
+        assert _core.all_finite(grid) is False
+        assert _core.all_finite(np.empty((0, 4), dtype)) is True
+    declined = [
+        np.ones((4, 4))[:, ::2],  # not contiguous
+        np.ones(3, np.float16),
+        np.ones(3, ">f4"),  # not native byte order
+        np.ones(3, np.int64),
+        [1.0, float("nan")],  # not an array
+    ]
+    for x in declined:
+        assert _core.all_finite(x) is None
+    bad_strided = np.ones((4, 4))
+    bad_strided[1, 2] = np.inf
+    assert _all_finite(bad_strided[:, ::2]) is False
+    assert _all_finite(np.array([np.nan], np.float16)) is False
+    assert _all_finite(np.array([np.inf], ">f8")) is False
+    assert _all_finite(np.array([1, 2])) is True

@@ -43,12 +43,13 @@ _CHUNK_SECONDS = 0.02
 
 
 def _all_finite(arr: np.ndarray) -> bool:
-    """No NaN or infinity in arr: one read-only pass in C for contiguous float32/float64 arrays
+    """No NaN or infinity in arr: one read-only pass in C for C-contiguous float32/float64 arrays
     (numpy's ``isfinite(arr).all()`` allocates an array-sized bool temporary), numpy otherwise."""
+    ok = _core.all_finite(arr)
+    if ok is not None:
+        return ok
     if arr.dtype.kind in "iub":
         return True
-    if arr.dtype in (np.float32, np.float64) and arr.flags.c_contiguous:
-        return _core.all_finite(arr.reshape(-1))
     return bool(np.isfinite(arr).all())
 
 
@@ -319,9 +320,11 @@ class Sequential(Module):
         return out
 
     def train(self, mode: bool = True) -> Sequential:
-        self.training = bool(mode)
+        mode = bool(mode)
+        self.training = mode
         for layer in self._layers:
-            layer.train(mode)
+            if layer.training is not mode:  # train_step calls this every step
+                layer.train(mode)
         return self
 
     def zero_grad(self) -> None:

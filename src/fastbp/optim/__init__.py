@@ -86,19 +86,16 @@ class Optimizer:
         # nothing changed since the last push to this record (values and types: fit syncs every
         # epoch, and the checks cost 3 us of a tiny network's 40 us epoch).
         try:
-            raw = tuple(
-                (type(v), v)
-                for v in (
-                    g["lr"],
-                    g.get("momentum", 0.0),
-                    g.get("dampening", 0.0),
-                    g.get("weight_decay", 0.0),
-                    g.get("nesterov", False),
-                    g.get("eps", 1e-8),
-                    *g.get("betas", (0.9, 0.999)),
-                )
+            values = (
+                g["lr"],
+                g.get("momentum", 0.0),
+                g.get("dampening", 0.0),
+                g.get("weight_decay", 0.0),
+                g.get("nesterov", False),
+                g.get("eps", 1e-8),
+                *g.get("betas", (0.9, 0.999)),
             )
-            key = (id(state), raw)
+            key = (id(state), values, tuple(map(type, values)))
             if key == getattr(self, "_synced_key", None):
                 return
         except Exception:  # not comparable or not iterable: the checks below name the problem
