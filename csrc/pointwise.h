@@ -32,14 +32,16 @@ FBP_INLINE VEC LFN(act_grad)(VEC dy, VEC y, fbp_activation act) {
     }
 }
 
-/* sum (pred - target)^2 over n elements in order, in double (each square is exact), and
- * dpred = gscale * (pred - target) when dpred is not NULL. */
+/* sum (pred - target)^2 over n elements in order, in double, and dpred = gscale * (pred -
+ * target) when dpred is not NULL. The sum is an explicit fma: whether the compiler contracts
+ * `total + d * d` differs between the per-ISA builds, and for float64 d that changes the last
+ * bit (for float32 d the square is exact in double either way). */
 FBP_INLINE double LFN(mse_sequential)(REAL *dpred, const REAL *pred, const REAL *target, int64_t n,
                                       REAL gscale) {
     double total = 0;
     for (int64_t i = 0; i < n; i++) {
         const REAL d = pred[i] - target[i];
-        total += (double)d * (double)d;
+        total = fma((double)d, (double)d, total);
         if (dpred) dpred[i] = gscale * d;
     }
     return total;

@@ -158,7 +158,10 @@ fbp_status KFN(small_step)(const fbp_small_net *net, double *loss, int64_t rows,
     const int64_t classes = ops[n_ops - 1].out_features, outputs = rows * classes;
     REAL *g = net->grad_a, *dz = net->grad_b; /* dL/dy (and dL/dx after it), dL/dz */
     fbp_status st = FBP_OK;
-    switch (kind) { /* loss.c's kernels, with the same arithmetic */
+    /* The loss kernels of the active ISA, through the dispatch table as the general walk calls
+     * them: their vector reductions differ between ISAs, and this kernel also serves AVX-512's
+     * table (isa_table.c). */
+    switch (kind) {
     case FBP_LOSS_MSE:
     case FBP_LOSS_MSE_SUM: {
         const double scale = kind == FBP_LOSS_MSE ? 1.0 / (double)outputs : 1.0;
@@ -173,11 +176,12 @@ fbp_status KFN(small_step)(const fbp_small_net *net, double *loss, int64_t rows,
         if (outputs <= FBP_MSE_SEQUENTIAL_MAX) /* the kernel's call costs more than the sum */
             *loss = LFN(mse_sequential)(NULL, x, target, outputs, gscale) * scale;
         else
-            st = KFN(mse)(loss, NULL, x, target, outputs, scale);
+            st = FBP_CAT(fbp_mse_, SFX)(loss, NULL, x, target, outputs, scale);
         break;
     }
     case FBP_LOSS_CROSS_ENTROPY:
-        st = KFN(softmax_xent)(loss, g, x, net->target, rows, classes, 1.0 / (double)rows);
+        st = FBP_CAT(fbp_softmax_xent_, SFX)(loss, g, x, net->target, rows, classes,
+                                             1.0 / (double)rows);
         break;
     default:
         return FBP_ERR_INVALID;

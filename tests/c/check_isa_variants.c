@@ -19,6 +19,23 @@ int fbp_team_size(int64_t w, int64_t g) {
     return w > 300000 ? 2 : 1;
 }
 int fbp_get_flush_denormal(void) { return 1; }
+/* The fused small-network step calls the losses through dispatch.c's forwarders, which this
+ * checker does not link: forward them to the generic tables (the checker never calls them). */
+fbp_status fbp_mse_f32(double *l, float *d, const float *p, const float *t, int64_t n, double s) {
+    return fbp_table_f32_generic.mse(l, d, p, t, n, s);
+}
+fbp_status fbp_mse_f64(double *l, double *d, const double *p, const double *t, int64_t n,
+                       double s) {
+    return fbp_table_f64_generic.mse(l, d, p, t, n, s);
+}
+fbp_status fbp_softmax_xent_f32(double *l, float *g, const float *x, const int64_t *y, int64_t r,
+                                int64_t c, double s) {
+    return fbp_table_f32_generic.softmax_xent(l, g, x, y, r, c, s);
+}
+fbp_status fbp_softmax_xent_f64(double *l, double *g, const double *x, const int64_t *y,
+                                int64_t r, int64_t c, double s) {
+    return fbp_table_f64_generic.softmax_xent(l, g, x, y, r, c, s);
+}
 void *fbp_scratch(size_t b) {
     static __thread void *p;
     static __thread size_t s;
