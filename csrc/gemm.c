@@ -79,19 +79,15 @@ static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to
 FBP_INLINE void LFN(epilogue)(REAL *dst, VEC acc, int64_t cnt, const REAL *bias, REAL alpha,
                               REAL beta, int first, int last, fbp_activation act) {
     VEC x = acc * alpha;
-    int full = cnt == VL;
     if (!first || beta != 0) {
-        VEC old = full ? V_(vload)(dst) : V_(vload_part)(dst, cnt);
+        VEC old = V_(vload_n)(dst, cnt);
         x += first ? old * beta : old;
     }
     if (last) {
-        if (bias) x += full ? V_(vload)(bias) : V_(vload_part)(bias, cnt);
+        if (bias) x += V_(vload_n)(bias, cnt);
         x = LFN(apply_act)(x, act);
     }
-    if (full)
-        V_(vstore)(dst, x);
-    else
-        V_(vstore_part)(dst, x, cnt);
+    V_(vstore_n)(dst, x, cnt);
 }
 
 #define FBP_LANES(F, S) FBP_CAT(FBP_LANES_, VLN)(F, S)
@@ -386,7 +382,7 @@ FBP_INLINE void LFN(direct_rows)(REAL *c, const REAL *a, const REAL *b, const RE
         const REAL *brow = b + p * rs_b;
         VEC bv;
         if (cs_b == 1) {
-            bv = cnt == VL ? V_(vload)(brow) : V_(vload_part)(brow, cnt);
+            bv = V_(vload_n)(brow, cnt);
         } else if (gather) {
             bv = V_(vgather_part)(brow, cs_b, cnt);
         } else {

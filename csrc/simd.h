@@ -125,6 +125,20 @@ FBP_DEFINE_VEC_PART(vf32, float, f32)
 FBP_DEFINE_VEC_PART(vf64, double, f64)
 #define FBP_HAVE_VGATHER 0
 #endif
+/* `n` (1..lanes) consecutive elements, zeros after: a plain vector access when n is whole. */
+#define FBP_DEFINE_VEC_N(V, T, SFX, LANES)                                                         \
+    FBP_INLINE V vload_n_##SFX(const T *p, int64_t n) {                                            \
+        return n == (LANES) ? vload_##SFX(p) : vload_part_##SFX(p, n);                             \
+    }                                                                                              \
+    FBP_INLINE void vstore_n_##SFX(T *p, V v, int64_t n) {                                         \
+        if (n == (LANES))                                                                          \
+            vstore_##SFX(p, v);                                                                    \
+        else                                                                                       \
+            vstore_part_##SFX(p, v, n);                                                            \
+    }
+FBP_DEFINE_VEC_N(vf32, float, f32, FBP_VBYTES / 4)
+FBP_DEFINE_VEC_N(vf64, double, f64, FBP_VBYTES / 8)
+
 /* Whether vgather_part can take stride s: its lane offsets are 32-bit. */
 FBP_INLINE int vgather_ok(int64_t s) { return FBP_HAVE_VGATHER && s > 0 && s <= INT32_MAX / 16; }
 

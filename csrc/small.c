@@ -33,17 +33,6 @@
 #include "pointwise.h"
 #include "update.h"
 
-/* `cnt` (1..VL) consecutive elements, zeros after. */
-FBP_INLINE VEC LFN(small_load)(const REAL *p, int64_t cnt) {
-    return cnt == VL ? V_(vload)(p) : V_(vload_part)(p, cnt);
-}
-FBP_INLINE void LFN(small_store)(REAL *p, VEC v, int64_t cnt) {
-    if (cnt == VL)
-        V_(vstore)(p, v);
-    else
-        V_(vstore_part)(p, v, cnt);
-}
-
 /* An activation's `cnt` lanes at p, as one whole-vector store when p is vector-aligned (lanes
  * past cnt belong to later rows or the slack; see below). A misaligned one would split across
  * two cache lines, which cost W1 (10 rows of 1) more than the forwarding gains. */
@@ -78,7 +67,7 @@ static void LFN(small_linear_forward)(REAL *restrict y, const REAL *restrict x,
             VEC acc = V_(vbcast)(0);
             for (int64_t p = 0; p < in; p++)
                 acc += V_(vbcast)(xr[p]) * LFN(small_column)(w + j0 * in + p, in, cnt);
-            if (bias) acc += LFN(small_load)(bias + j0, cnt);
+            if (bias) acc += V_(vload_n)(bias + j0, cnt);
             LFN(small_store_ahead)(y + r * out + j0, LFN(apply_act)(acc, act), cnt);
         }
     }
@@ -99,23 +88,22 @@ static void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *restri
         VEC dbv = V_(vbcast)(0); /* summed over the rows in order */
         for (int64_t r = 0; r < rows; r++) {
             const int64_t o = r * out + v * VL;
-            const VEC d =
-                LFN(act_grad)(LFN(small_load)(dy + o, cnt), LFN(small_load)(y + o, cnt), act);
+            const VEC d = LFN(act_grad)(V_(vload_n)(dy + o, cnt), V_(vload_n)(y + o, cnt), act);
             if (ahead)
                 LFN(small_store_ahead)(dz + o, d, cnt);
             else
                 V_(vstore_part)(dz + o, d, cnt);
             dbv += d;
         }
-        if (db) LFN(small_store)(db + v * VL, dbv, cnt);
+        if (db) V_(vstore_n)(db + v * VL, dbv, cnt);
     }
     for (int64_t j = 0; j < out; j++) /* dW = dZ^T @ x: row j sums rows of x weighted by dZ[:, j] */
         for (int64_t p0 = 0; p0 < in; p0 += VL) {
             const int64_t cnt = in - p0 < VL ? in - p0 : VL;
             VEC acc = V_(vbcast)(0);
             for (int64_t r = 0; r < rows; r++)
-                acc += V_(vbcast)(dz[r * out + j]) * LFN(small_load)(x + r * in + p0, cnt);
-            LFN(small_store)(dw + j * in + p0, acc, cnt);
+                acc += V_(vbcast)(dz[r * out + j]) * V_(vload_n)(x + r * in + p0, cnt);
+            V_(vstore_n)(dw + j * in + p0, acc, cnt);
         }
     if (!dx) return;
     for (int64_t r = 0; r < rows; r++) /* dX = dZ @ W: rows of W weighted by dZ[r, :] */
@@ -123,7 +111,7 @@ static void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *restri
             const int64_t cnt = in - p0 < VL ? in - p0 : VL;
             VEC acc = V_(vbcast)(0);
             for (int64_t j = 0; j < out; j++)
-                acc += V_(vbcast)(dz[r * out + j]) * LFN(small_load)(w + j * in + p0, cnt);
+                acc += V_(vbcast)(dz[r * out + j]) * V_(vload_n)(w + j * in + p0, cnt);
             LFN(small_store_ahead)(dx + r * in + p0, acc, cnt);
         }
 }
@@ -170,7 +158,7 @@ fbp_status KFN(small_step)(const fbp_small_net *net, double *loss, int64_t rows,
         for (int64_t r = 0; r < rows; r++) /* the gradient in the layout backward loads it */
             for (int64_t j0 = 0; j0 < classes; j0 += VL) {
                 const int64_t o = r * classes + j0, cnt = classes - j0 < VL ? classes - j0 : VL;
-                const VEC d = LFN(small_load)(x + o, cnt) - LFN(small_load)(target + o, cnt);
+                const VEC d = V_(vload_n)(x + o, cnt) - V_(vload_n)(target + o, cnt);
                 LFN(small_store_ahead)(g + o, d * gscale, cnt);
             }
         if (outputs <= FBP_MSE_SEQUENTIAL_MAX) /* the kernel's call costs more than the sum */
