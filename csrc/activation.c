@@ -84,7 +84,7 @@ static void LFN(act_backward_cols)(REAL *dz, REAL *dbias, const REAL *dy, const 
         const int nvec = (int)((width + VL - 1) / VL);
         const int64_t tail = width - (int64_t)(nvec - 1) * VL;
         /* fixed-count loops (unrolled, db in registers) that skip the absent vectors */
-        VEC db[DB_VECS];
+        VEC db[DB_VECS] = {0}; /* all set before use; the zeros quiet -Wmaybe-uninitialized */
 #pragma GCC unroll 4
         for (int v = 0; v < DB_VECS; v++) {
             if (v >= nvec) break;

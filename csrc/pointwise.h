@@ -4,6 +4,7 @@
  * fused step). One definition, so every path applies the same
  * arithmetic. No include guard: a family includes this in each of its dtype passes, after
  * kernel.h has set REAL, VEC and LFN for that pass. */
+#include <math.h> /* fma: guarded, so including it in each pass is harmless */
 
 FBP_INLINE VEC LFN(apply_act)(VEC x, fbp_activation act) {
     switch (act) {
