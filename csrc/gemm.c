@@ -436,12 +436,22 @@ static inline int64_t LFN(balanced_kc)(int64_t k) {
     return kc < KC ? kc : KC;
 }
 
+/* Asks for `rows` rows of kc values of an in-place A sliver to be brought into L2. */
+FBP_INLINE void LFN(prefetch_sliver)(const REAL *a, int64_t rs, int64_t rows, int64_t kc) {
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)(a + r * rs);
+        for (int64_t off = 0; off < kc * (int64_t)sizeof(REAL); off += 64)
+            __builtin_prefetch(row + off, 0, 1);
+    }
+}
+
 /* C (m x n) on the calling thread, packing into its own buffers: the loops over NC panels, KC
- * blocks and MC blocks around the MR x NR tiles. */
+ * blocks and MC blocks around the MR x NR tiles. fetch_a: fetch each in-place A sliver one
+ * sliver ahead, for an A that may sit in another core's cache. */
 static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                               int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                               int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
-                              REAL *packed_b, REAL *packed_a) {
+                              REAL *packed_b, REAL *packed_a, int fetch_a) {
     const int64_t kc_step = LFN(balanced_kc)(k);
     /* A row-major B is read in place, not packed, when its slivers stream from L2 anyway
      * (GEMM_A_OUTER): packing was ~8% of a W3-sized GEMM. Whole slivers only; the ragged last
@@ -471,7 +481,20 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
             for (int64_t pc = 0; pc < k; pc += kc_step) {
                 const int64_t kc = min_i64(kc_step, k - pc);
                 const int first = pc == 0, last = pc + kc == k;
-                for (int64_t s = 0; s < n_bs; s++) {
+                /* The whole slivers of a row-major B, row by row: each source row is read once,
+                 * front to back, instead of as NR-wide strips one row stride apart, which cross
+                 * a page per row where the hardware prefetcher does not follow (1024^3: the
+                 * strip copy was 3.5% of the product). */
+                const int64_t b_rowwise = cs_b == 1 && !direct_b ? nc / NR : 0;
+                if (b_rowwise > 0) {
+                    for (int64_t p = 0; p < kc; p++) {
+                        const REAL *src = b + (pc + p) * rs_b + jc;
+                        for (int64_t s = 0; s < b_rowwise; s++)
+                            memcpy(packed_b + s * NR * kc + p * NR, src + s * NR,
+                                   NR * sizeof(REAL));
+                    }
+                }
+                for (int64_t s = b_rowwise; s < n_bs; s++) {
                     if (direct_b && (s + 1) * NR <= nc) continue; /* read in place */
                     LFN(pack_b_sliver)(packed_b + s * NR * kc, b + pc * rs_b + (jc + s * NR) * cs_b,
                                        rs_b, cs_b, min_i64(NR, nc - s * NR), kc);
@@ -490,6 +513,18 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                     const int64_t outer_n = GEMM_A_OUTER ? n_as : n_bs;
                     const int64_t inner_n = GEMM_A_OUTER ? n_bs : n_as;
                     for (int64_t o = 0; o < outer_n; o++) {
+                        /* An activation the other thread wrote is in its cache, modified, and a
+                         * sliver's first B tile waited on each line of it in turn: fetching it
+                         * ahead, at one line per prefetch, overlaps those transfers (W3's
+                         * 128 x 128 x 256 forward at 2 threads, its A written by the other core:
+                         * 37 -> 32 us). Not on one thread: an A in this core's L2 gains nothing and
+                         * paid 2-5% for the extra instructions. */
+                        for (int64_t ahead = o == 0 ? 0 : 1;
+                             GEMM_A_OUTER && fetch_a && direct_a && ahead <= 1; ahead++) {
+                            const int64_t i1 = ic + (o + ahead) * MR;
+                            if (o + ahead < outer_n && (o + ahead + 1) * MR <= mc)
+                                LFN(prefetch_sliver)(a + i1 * rs_a + pc, rs_a, MR, kc);
+                        }
                         for (int64_t u = 0; u < inner_n; u++) {
                             const int64_t ir = GEMM_A_OUTER ? o : u;
                             const int64_t jr = GEMM_A_OUTER ? u : o;
@@ -538,8 +573,8 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
 static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *bias,
                                    int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,
                                    int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
-                                   fbp_activation act, size_t b_bytes, size_t a_bytes,
-                                   int nthreads) {
+                                   fbp_activation act, size_t b_bytes, size_t a_bytes, int nthreads,
+                                   int fetch_a) {
     const int64_t col_parts = (n + NR - 1) / NR, row_parts = (m + MR - 1) / MR;
     /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
     const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
@@ -552,7 +587,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
         char *scratch = fbp_scratch(b_bytes + a_bytes);
         if (!scratch) return FBP_ERR_NOMEM;
         LFN(gemm_blocked)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                          (REAL *)scratch, (REAL *)(scratch + b_bytes));
+                          (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a);
         return FBP_OK;
     }
     int failed = 0;
@@ -575,12 +610,13 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                 const int64_t j0 = lo * NR, j1 = min_i64(hi * NR, n);
                 if (j1 > j0)
                     LFN(gemm_blocked)(c + j0, a, b + j0 * cs_b, bias ? bias + j0 : NULL, m, j1 - j0,
-                                      k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa);
+                                      k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa,
+                                      fetch_a);
             } else {
                 const int64_t i0 = lo * MR, i1 = min_i64(hi * MR, m);
                 if (i1 > i0)
                     LFN(gemm_blocked)(c + i0 * ldc, a + i0 * rs_a, b, bias, i1 - i0, n, k, rs_a,
-                                      cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa);
+                                      cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa, fetch_a);
             }
         }
     }
@@ -612,8 +648,10 @@ fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, in
         (size_t)round_up(kc_max * round_up(min_i64(MC, m), MR) * (int64_t)sizeof(REAL), FBP_ALIGN);
     const int64_t work = macs > (double)INT64_MAX ? INT64_MAX : (int64_t)macs;
     const int nthreads = fbp_team_size(work, GEMM_THREAD_GRAIN_MACS);
+    /* with more than one thread configured, the operands are often another core's output */
+    const int fetch_a = fbp_get_num_threads() > 1;
     return LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                            b_bytes, a_bytes, nthreads);
+                            b_bytes, a_bytes, nthreads, fetch_a);
 }
 
 #undef FBP_LANES

@@ -18,6 +18,7 @@ int fbp_team_size(int64_t w, int64_t g) {
     (void)g;
     return w > 300000 ? 2 : 1;
 }
+int fbp_get_num_threads(void) { return 2; } /* the GEMM's cross-core prefetch: exercise it */
 int fbp_get_flush_denormal(void) { return 1; }
 /* The fused small-network step calls the losses through dispatch.c's forwarders, which this
  * checker does not link: forward them to the generic tables (the checker never calls them). */
