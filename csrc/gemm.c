@@ -48,8 +48,10 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
 #endif
 
 /* B rows the micro-kernel prefetches ahead when its slivers stream from L2 (GEMM_A_OUTER:
- * 1024^3 198 -> 202 GFLOP/s, W3's first-layer products 1.5-3.5% faster). */
-#define GEMM_PREFETCH_ROWS 8
+ * 1024^3 198 -> 202 GFLOP/s, W3's first-layer products 1.5-3.5% faster, at 8 rows). 16 rows
+ * ahead: W4's and 1024^3 products another 0.5-1.5% (three interleaved rounds), W3's level; 4
+ * rows lost 1%, 24 matched 16. */
+#define GEMM_PREFETCH_ROWS 16
 /* A thread is worth starting for this many multiply-adds (~5 us of one core's work). */
 #define GEMM_THREAD_GRAIN_MACS (1 << 19)
 
