@@ -662,6 +662,84 @@ def test_bad_scalars_and_activation():
     np.testing.assert_array_equal(ops.gemm(a, b, activation=None), np.full((3, 5), 4.0))
 
 
+# ---- the fast path: plain arguments validated in C (_core.gemm_fast) ----------------------
+
+
+def _checked_path_only(monkeypatch):
+    """Make ops.gemm decline its fast path, so every call takes the Python checks."""
+    monkeypatch.setattr(ops._core, "gemm_fast", lambda *args: False)
+
+
+@pytest.mark.parametrize("kind", ["plain", *LAYOUTS])
+def test_fast_path_gives_the_checked_paths_bits(monkeypatch, dtype, kind):
+    """Every layout, transpose, epilogue and out= variant gives the same bits whether ops.gemm
+    takes its fast path or (declining it) the full Python checks: both reach one kernel with
+    the same strides."""
+    rng = rng_for("fast", kind, dtype.name)
+    m, k, n = 33, 300, 40
+    cases = []
+    for trans_a, trans_b in TRANS:
+        shape_a, shape_b = ((k, m) if trans_a else (m, k)), ((n, k) if trans_b else (k, n))
+        if kind == "plain":
+            a = rng.standard_normal(shape_a).astype(dtype)
+            b = rng.standard_normal(shape_b).astype(dtype)
+        else:
+            a, b = make_layout(kind, shape_a, dtype, rng), make_layout(kind, shape_b, dtype, rng)
+        bias = rng.standard_normal(n).astype(dtype)
+        c0 = rng.standard_normal((m, n + 3)).astype(dtype)  # padded rows
+        for kw in (
+            {},
+            {"bias": bias, "activation": "tanh"},
+            {"alpha": 0.5, "beta": -2.0, "activation": "relu"},
+        ):
+            cases.append((a, b, dict(kw, trans_a=trans_a, trans_b=trans_b), c0))
+
+    def run():
+        results = []
+        for a, b, kw, c0 in cases:
+            results.append(ops.gemm(a, b, **{k: v for k, v in kw.items() if k != "beta"}))
+            out = c0.copy()[:, :n]
+            results.append(ops.gemm(a, b, out=out, **kw))
+        return results
+
+    fast = run()
+    with monkeypatch.context() as mp:
+        _checked_path_only(mp)
+        checked = run()
+    for got, want in zip(fast, checked, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_plain_calls_take_the_fast_path(monkeypatch):
+    """ndarrays, Python floats and an out= that overlaps nothing never reach the memoryview
+    binding (the slower route), for ops.gemm and the layer helpers built on it."""
+
+    def refuse(*args):
+        raise AssertionError("took the checked path")
+
+    monkeypatch.setattr(ops._core, "gemm", refuse)
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((3, 4))
+    w = w.astype(np.float32)
+    out = np.empty((5, 3), np.float32)
+    ops.gemm(x, w, trans_b=True, out=out, bias=np.ones(3, np.float32), activation="sigmoid")
+    ops.gemm(x, w.T, alpha=2.0)
+    ops.linear_forward(x, w, activation="relu")
+    ops.linear_backward(np.ones((5, 3), np.float32), x, w)
+
+
+def test_declined_fast_path_writes_nothing():
+    """An argument the fast path declines (here out overlapping b) leaves out untouched while
+    the checked path raises."""
+    buf = np.arange(32.0).reshape(4, 8)
+    before = buf.copy()
+    with pytest.raises(ValueError, match="overlap b"):
+        ops.gemm(np.ones((4, 4)), buf[:, 4:], out=buf[:, :4])
+    with pytest.raises(ValueError, match="overlap b"):
+        ops.gemm(np.ones((4, 4)), buf[:, 3:7], out=buf[:, :4])
+    np.testing.assert_array_equal(buf, before)
+
+
 @pytest.mark.parametrize("shape", [(4,), (1, 5), (5, 1), (6,)])
 def test_bias_wrong_shape(shape):
     with pytest.raises(ValueError, match=re.escape("bias must have shape (5,)")):

@@ -33,6 +33,8 @@ __all__ = [
 
 ACTIVATIONS = {"identity": 0, "sigmoid": 1, "relu": 2, "tanh": 3}
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# The activation arguments gemm's fast path takes as they are (anything else: the full check).
+_PLAIN_ACTIVATIONS = {None: 0, **ACTIVATIONS}
 
 
 # ---- validation helpers -------------------------------------------------------------------
@@ -150,6 +152,33 @@ def gemm(
     ``bias`` (shape ``(n,)``) and ``activation`` are the fused epilogue, applied as each tile of
     ``out`` is stored. With ``beta != 0``, ``out`` must be given and is read. Returns ``out``.
     """
+    # Plain arguments (ndarrays of one float dtype, Python-float scalars, an out that overlaps
+    # nothing) are validated in C in one pass; anything the fast path declines is checked, and
+    # explained when wrong, below. Both run the same kernel with the same strides.
+    act = (
+        _PLAIN_ACTIVATIONS.get(activation, -1)
+        if activation is None or type(activation) is str
+        else -1
+    )
+    if act >= 0:
+        if out is not None:
+            if _core.gemm_fast(out, a, b, bias, trans_a, trans_b, alpha, beta, act):
+                return out
+        elif (
+            type(beta) is float
+            and beta == 0
+            and type(a) is np.ndarray
+            and type(b) is np.ndarray
+            and a.ndim == 2
+            and b.ndim == 2
+            and a.dtype in _DTYPES
+        ):
+            fresh = np.empty(
+                (a.shape[1] if trans_a else a.shape[0], b.shape[0] if trans_b else b.shape[1]),
+                dtype=a.dtype,
+            )
+            if _core.gemm_fast(fresh, a, b, bias, trans_a, trans_b, alpha, beta, act):
+                return fresh
     a = _matrix(a, "a")
     b = _matrix(b, "b", a.dtype)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
