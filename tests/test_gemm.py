@@ -670,13 +670,14 @@ def _checked_path_only(monkeypatch):
     monkeypatch.setattr(ops._core, "gemm_fast", lambda *args: False)
 
 
+@pytest.mark.parametrize(("m", "k", "n"), [(33, 300, 40), (1, 7, 1), (1, 33, 7), (7, 33, 1)])
 @pytest.mark.parametrize("kind", ["plain", *LAYOUTS])
-def test_fast_path_gives_the_checked_paths_bits(monkeypatch, dtype, kind):
+def test_fast_path_gives_the_checked_paths_bits(monkeypatch, dtype, kind, m, k, n):
     """Every layout, transpose, epilogue and out= variant gives the same bits whether ops.gemm
     takes its fast path or (declining it) the full Python checks: both reach one kernel with
-    the same strides."""
-    rng = rng_for("fast", kind, dtype.name)
-    m, k, n = 33, 300, 40
+    the same strides. Single-row and single-column outputs included (their other stride is
+    free)."""
+    rng = rng_for("fast", kind, dtype.name, m, k, n)
     cases = []
     for trans_a, trans_b in TRANS:
         shape_a, shape_b = ((k, m) if trans_a else (m, k)), ((n, k) if trans_b else (k, n))
