@@ -198,4 +198,19 @@ fbp_status fbp_small_step_f64(const fbp_small_net *net, double *loss, int64_t ro
     return active_f64->small_step(net, loss, rows, kind, opt);
 }
 
+fbp_status fbp_gemm_dact_f32(float *dz, float *dbias, const float *a, const float *b,
+                             const float *y, int64_t m, int64_t n, int64_t k, int64_t rs_a,
+                             int64_t cs_a, int64_t rs_b, int64_t cs_b, fbp_activation act,
+                             int accumulate) {
+    return active_f32->gemm_dact(dz, dbias, a, b, y, m, n, k, rs_a, cs_a, rs_b, cs_b, act,
+                                 accumulate);
+}
+fbp_status fbp_gemm_dact_f64(double *dz, double *dbias, const double *a, const double *b,
+                             const double *y, int64_t m, int64_t n, int64_t k, int64_t rs_a,
+                             int64_t cs_a, int64_t rs_b, int64_t cs_b, fbp_activation act,
+                             int accumulate) {
+    return active_f64->gemm_dact(dz, dbias, a, b, y, m, n, k, rs_a, cs_a, rs_b, cs_b, act,
+                                 accumulate);
+}
+
 const char *fbp_version(void) { return FASTBP_VERSION; }

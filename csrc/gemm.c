@@ -52,6 +52,8 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
  * ahead: W4's and 1024^3 products another 0.5-1.5% (three interleaved rounds), W3's level; 4
  * rows lost 1%, 24 matched 16. */
 #define GEMM_PREFETCH_ROWS 16
+/* The shallowest product fbp_gemm_dact fuses the activation backward into (see there). */
+#define GEMM_DACT_MIN_K 32
 /* A thread is worth starting for this many multiply-adds (~5 us of one core's work). */
 #define GEMM_THREAD_GRAIN_MACS (1 << 19)
 
@@ -90,6 +92,27 @@ FBP_INLINE void LFN(epilogue)(REAL *dst, VEC acc, int64_t cnt, const REAL *bias,
         x = LFN(apply_act)(x, act);
     }
     V_(vstore_n)(dst, x, cnt);
+}
+
+/* The backward epilogue (fbp_gemm_dact): C's final value is dY, the gradient of an activation's
+ * output y; stored is dZ = dY * act'(y), and dbias (when not NULL) accumulates dZ's column sums.
+ * Tiles reach the epilogue in ascending row order for each column, so the sums add the rows in
+ * the order activation_backward does. */
+typedef struct {
+    const REAL *y; /* like C: y[i * ldy + j] */
+    int64_t ldy;
+    REAL *dbias;
+    fbp_activation act;
+} LFN(dact);
+
+/* Stores dZ for `cnt` elements of a row and returns it, for the caller's column sums. */
+FBP_INLINE VEC LFN(epilogue_dact)(REAL *dst, VEC acc, int64_t cnt, const REAL *y, int first,
+                                  fbp_activation act) {
+    VEC x = acc;
+    if (!first) x += V_(vload_n)(dst, cnt);
+    const VEC g = LFN(act_grad)(x, V_(vload_n)(y, cnt), act);
+    V_(vstore_n)(dst, g, cnt);
+    return g;
 }
 
 #define FBP_LANES(F, S) FBP_CAT(FBP_LANES_, VLN)(F, S)
@@ -358,9 +381,74 @@ static void LFN(full_tile)(REAL *c, int64_t ldc, const REAL *restrict pa, int64_
 }
 #undef FULL_TILE_CASE
 
+/* A whole tile's last K block under the backward epilogue; one copy per activation and A
+ * layout, as for full_tile. (i, j): the tile's place in C, for y and dbias. */
+FBP_INLINE void LFN(full_tile_dact_act)(REAL *c, int64_t ldc, const REAL *restrict pa, int64_t a_rs,
+                                        int64_t a_cs, const REAL *restrict pb, int64_t ldb,
+                                        int64_t kc, int first, const REAL *y, int64_t ldy, REAL *db,
+                                        fbp_activation act) {
+    VEC acc[MR][NV];
+    LFN(micro_kernel)(acc, pa, a_rs, a_cs, pb, kc, ldb, MR, NV);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++)
+            acc[i][v] = LFN(epilogue_dact)(c + i * ldc + v * VL, acc[i][v], VL,
+                                           y + i * ldy + v * VL, first, act);
+    if (!db) return;
+    /* the rows in order onto the running sums, in registers: (((db + g0) + g1) + ...) */
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) {
+        VEC sum = V_(vload)(db + v * VL);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) sum += acc[i][v];
+        V_(vstore)(db + v * VL, sum);
+    }
+}
+
+#define DACT_TILE_CASE(ACT)                                                                        \
+    do {                                                                                           \
+        if (a_rs == 0)                                                                             \
+            LFN(full_tile_dact_act)(c, ldc, pa, 1, MR, pb, ldb, kc, first, y, ldy, db, ACT);       \
+        else                                                                                       \
+            LFN(full_tile_dact_act)(c, ldc, pa, a_rs, 1, pb, ldb, kc, first, y, ldy, db, ACT);     \
+    } while (0)
+static void LFN(full_tile_dact)(REAL *c, int64_t ldc, const REAL *restrict pa, int64_t a_rs,
+                                const REAL *restrict pb, int64_t ldb, int64_t kc, int first,
+                                const REAL *y, int64_t ldy, REAL *db, fbp_activation act) {
+    switch (act) {
+    case FBP_ACT_SIGMOID:
+        DACT_TILE_CASE(FBP_ACT_SIGMOID);
+        break;
+    case FBP_ACT_RELU:
+        DACT_TILE_CASE(FBP_ACT_RELU);
+        break;
+    case FBP_ACT_TANH:
+        DACT_TILE_CASE(FBP_ACT_TANH);
+        break;
+    default:
+        DACT_TILE_CASE(FBP_ACT_IDENTITY);
+    }
+}
+#undef DACT_TILE_CASE
+
 static void LFN(store_tile)(REAL *c, int64_t ldc, int64_t rows, int64_t cols, VEC acc[MR][NV],
                             const REAL *bias, REAL alpha, REAL beta, int first, int last,
-                            fbp_activation act) {
+                            fbp_activation act, const LFN(dact) * dact, int64_t tile_i,
+                            int64_t tile_j) {
+    if (dact && last) { /* the backward epilogue; (tile_i, tile_j): the tile's place in C */
+        for (int64_t v = 0; v < NV && v * VL < cols; v++) {
+            const int64_t cnt = min_i64(VL, cols - v * VL);
+            REAL *db = dact->dbias ? dact->dbias + tile_j + v * VL : NULL;
+            VEC sum = db ? V_(vload_n)(db, cnt) : V_(vbcast)(0);
+            for (int64_t i = 0; i < rows; i++)
+                sum += LFN(epilogue_dact)(c + i * ldc + v * VL, acc[i][v], cnt,
+                                          dact->y + (tile_i + i) * dact->ldy + tile_j + v * VL,
+                                          first, dact->act);
+            if (db) V_(vstore_n)(db, sum, cnt);
+        }
+        return;
+    }
     for (int64_t i = 0; i < rows; i++) {
         for (int64_t v = 0; v < NV && v * VL < cols; v++) {
             int64_t j0 = v * VL;
@@ -376,7 +464,8 @@ static void LFN(store_tile)(REAL *c, int64_t ldc, int64_t rows, int64_t cols, VE
 FBP_INLINE void LFN(direct_rows)(REAL *c, const REAL *a, const REAL *b, const REAL *bias_j,
                                  int rows, int64_t cnt, int64_t k, int64_t rs_a, int64_t cs_a,
                                  int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
-                                 fbp_activation act) {
+                                 fbp_activation act, const LFN(dact) * dact, int64_t tile_i,
+                                 int64_t tile_j) {
     VEC acc[4];
     for (int r = 0; r < rows; r++) acc[r] = V_(vbcast)(0);
     const int gather = cs_b != 1 && vgather_ok(cs_b);
@@ -393,6 +482,15 @@ FBP_INLINE void LFN(direct_rows)(REAL *c, const REAL *a, const REAL *b, const RE
         }
         for (int r = 0; r < rows; r++) acc[r] += V_(vbcast)(a[r * rs_a + p * cs_a]) * bv;
     }
+    if (dact) {
+        REAL *db = dact->dbias ? dact->dbias + tile_j : NULL;
+        VEC sum = db ? V_(vload_n)(db, cnt) : V_(vbcast)(0);
+        for (int r = 0; r < rows; r++)
+            sum += LFN(epilogue_dact)(c + r * ldc, acc[r], cnt,
+                                      dact->y + (tile_i + r) * dact->ldy + tile_j, 1, dact->act);
+        if (db) V_(vstore_n)(db, sum, cnt);
+        return;
+    }
     for (int r = 0; r < rows; r++)
         LFN(epilogue)(c + r * ldc, acc[r], cnt, bias_j, alpha, beta, 1, 1, act);
 }
@@ -401,7 +499,8 @@ FBP_INLINE void LFN(direct_rows)(REAL *c, const REAL *a, const REAL *b, const RE
  * FMA chains. */
 static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                              int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
-                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act) {
+                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
+                             const LFN(dact) * dact) {
     for (int64_t j0 = 0; j0 < n; j0 += VL) {
         const int64_t cnt = min_i64(VL, n - j0);
         const REAL *bias_j = bias ? bias + j0 : NULL;
@@ -412,19 +511,19 @@ static void LFN(gemm_direct)(REAL *c, const REAL *a, const REAL *b, const REAL *
             switch (min_i64(4, m - i0)) {
             case 4:
                 LFN(direct_rows)(ci, ai, bj, bias_j, 4, cnt, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
-                                 beta, act);
+                                 beta, act, dact, i0, j0);
                 break;
             case 3:
                 LFN(direct_rows)(ci, ai, bj, bias_j, 3, cnt, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
-                                 beta, act);
+                                 beta, act, dact, i0, j0);
                 break;
             case 2:
                 LFN(direct_rows)(ci, ai, bj, bias_j, 2, cnt, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
-                                 beta, act);
+                                 beta, act, dact, i0, j0);
                 break;
             default:
                 LFN(direct_rows)(ci, ai, bj, bias_j, 1, cnt, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,
-                                 beta, act);
+                                 beta, act, dact, i0, j0);
             }
         }
     }
@@ -453,7 +552,7 @@ FBP_INLINE void LFN(prefetch_sliver)(const REAL *a, int64_t rs, int64_t rows, in
 static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                               int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                               int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
-                              REAL *packed_b, REAL *packed_a, int fetch_a) {
+                              REAL *packed_b, REAL *packed_a, int fetch_a, const LFN(dact) * dact) {
     const int64_t kc_step = LFN(balanced_kc)(k);
     /* A row-major B is read in place, not packed, when its slivers stream from L2 anyway
      * (GEMM_A_OUTER): packing was ~8% of a W3-sized GEMM. Whole slivers only; the ragged last
@@ -552,6 +651,13 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                 b_in_place ? b + pc * rs_b + j : packed_b + jr * NR * kc;
                             const int64_t ldb = b_in_place ? rs_b : NR;
                             const REAL *bias_j = bias ? bias + j : NULL;
+                            if (rows == MR && cols == NR && dact && last) {
+                                LFN(full_tile_dact)(c + i * ldc + j, ldc, pa, a_rs, pb, ldb, kc,
+                                                    first, dact->y + i * dact->ldy + j, dact->ldy,
+                                                    dact->dbias ? dact->dbias + j : NULL,
+                                                    dact->act);
+                                continue;
+                            }
                             if (rows == MR && cols == NR) {
                                 LFN(full_tile)(c + i * ldc + j, ldc, pa, a_rs, pb, ldb, kc, bias_j,
                                                alpha, beta, first, last, act);
@@ -562,7 +668,7 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                             else
                                 LFN(edge_kernel)(acc, pa, 1, MR, pb, kc, ldb, rows, cols);
                             LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc, bias_j, alpha,
-                                            beta, first, last, act);
+                                            beta, first, last, act, dact, i, j);
                         }
                     }
                 }
@@ -581,12 +687,14 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                                    int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,
                                    int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
                                    fbp_activation act, size_t b_bytes, size_t a_bytes, int nthreads,
-                                   int fetch_a) {
+                                   int fetch_a, const LFN(dact) * dact) {
     const int64_t col_parts = (n + NR - 1) / NR, row_parts = (m + MR - 1) / MR;
     /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
     const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
     const int64_t row_load = (row_parts + nthreads - 1) / nthreads * col_parts;
-    const int by_cols = col_parts >= nthreads && col_load <= row_load;
+    const int by_cols = col_parts >= nthreads && (col_load <= row_load || dact);
+    /* the backward epilogue's column sums run down whole columns: never a row split */
+    if (dact && !by_cols) nthreads = 1;
     const int64_t parts = by_cols ? col_parts : row_parts;
     if (parts < nthreads) nthreads = (int)parts;
     if (nthreads <= 1) {
@@ -594,7 +702,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
         char *scratch = fbp_scratch(b_bytes + a_bytes);
         if (!scratch) return FBP_ERR_NOMEM;
         LFN(gemm_blocked)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                          (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a);
+                          (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a, dact);
         return FBP_OK;
     }
     int failed = 0;
@@ -615,24 +723,64 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
             fbp_split_range(parts, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
             if (by_cols) {
                 const int64_t j0 = lo * NR, j1 = min_i64(hi * NR, n);
+                LFN(dact) mine; /* this thread's columns of y and dbias */
+                if (dact) {
+                    mine = *dact;
+                    mine.y += j0;
+                    if (mine.dbias) mine.dbias += j0;
+                }
                 if (j1 > j0)
                     LFN(gemm_blocked)(c + j0, a, b + j0 * cs_b, bias ? bias + j0 : NULL, m, j1 - j0,
                                       k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa,
-                                      fetch_a);
+                                      fetch_a, dact ? &mine : NULL);
             } else {
                 const int64_t i0 = lo * MR, i1 = min_i64(hi * MR, m);
                 if (i1 > i0)
                     LFN(gemm_blocked)(c + i0 * ldc, a + i0 * rs_a, b, bias, i1 - i0, n, k, rs_a,
-                                      cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa, fetch_a);
+                                      cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa, fetch_a,
+                                      NULL);
             }
         }
     }
     return failed ? FBP_ERR_NOMEM : FBP_OK;
 }
 
+static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
+                                int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
+                                int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
+                                fbp_activation act, const LFN(dact) * dact);
+
 fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,
                      int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc,
                      REAL alpha, REAL beta, fbp_activation act) {
+    return LFN(gemm_any)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
+                         NULL);
+}
+
+fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, const REAL *y,
+                          int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
+                          int64_t cs_b, fbp_activation act, int accumulate) {
+    if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
+    /* A shallow product (a 10-class layer's, k = 10) is too short to hide the epilogue's extra
+     * loads: at 2 threads W3's 128 x 128 x 10 input gradient took 11-12 us fused against 10
+     * for the two kernels in turn. Those run in turn, as does an empty product. */
+    if (m == 0 || n == 0 || k < GEMM_DACT_MIN_K) {
+        fbp_status st =
+            KFN(gemm)(dz, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY);
+        if (st == FBP_OK) st = KFN(activation_backward)(dz, dbias, dz, y, m, n, act, accumulate);
+        return st;
+    }
+    if (!dz || !a || !b || (!y && act != FBP_ACT_IDENTITY)) return FBP_ERR_INVALID;
+    if (dbias && !accumulate) memset(dbias, 0, (size_t)n * sizeof(REAL));
+    const LFN(dact) dact = {y ? y : dz, n, dbias, act}; /* identity never reads y */
+    return LFN(gemm_any)(dz, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY,
+                         &dact);
+}
+
+static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
+                                int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
+                                int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
+                                fbp_activation act, const LFN(dact) * dact) {
     if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
     if (m == 0 || n == 0) return FBP_OK;
     if (!c || ldc < n || (k > 0 && (!a || !b))) return FBP_ERR_INVALID;
@@ -645,7 +793,8 @@ fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, in
     }
     const double macs = (double)m * (double)n * (double)k;
     if (macs <= FBP_GEMM_DIRECT_MAX_MACS) { /* the packed path's fixed costs would dominate */
-        LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act);
+        LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
+                         dact);
         return FBP_OK;
     }
     const int64_t kc_max = min_i64(LFN(balanced_kc)(k), k);
@@ -658,7 +807,7 @@ fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, in
     /* with more than one thread configured, the operands are often another core's output */
     const int fetch_a = fbp_get_num_threads() > 1;
     return LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                            b_bytes, a_bytes, nthreads, fetch_a);
+                            b_bytes, a_bytes, nthreads, fetch_a, dact);
 }
 
 #undef FBP_LANES

@@ -43,7 +43,9 @@ typedef struct {
                            int);                                                                   \
     fbp_status (*adam_step)(T *, T *, T *, const T *, int64_t, double, double, double, double,     \
                             double, int, int64_t);                                                 \
-    fbp_status (*small_step)(const fbp_small_net *, double *, int64_t, fbp_loss, fbp_optimizer *);
+    fbp_status (*small_step)(const fbp_small_net *, double *, int64_t, fbp_loss, fbp_optimizer *); \
+    fbp_status (*gemm_dact)(T *, T *, const T *, const T *, const T *, int64_t, int64_t, int64_t,  \
+                            int64_t, int64_t, int64_t, int64_t, fbp_activation, int);
 
 typedef struct {
     FBP_TABLE_FIELDS(float)
@@ -65,6 +67,19 @@ fbp_status fbp_small_step_f32(const fbp_small_net *net, double *loss, int64_t ro
                               fbp_optimizer *opt);
 fbp_status fbp_small_step_f64(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
                               fbp_optimizer *opt);
+
+/* An input gradient with the previous layer's activation backward in its epilogue: dz (m x n,
+ * dense) = (A' @ B') * act'(y), and dbias = (or, with accumulate, +=) the column sums of dz when
+ * not NULL. The same bits as fbp_gemm (alpha 1, beta 0) followed by fbp_activation_backward on
+ * its result; it saves that pass over dz and y. Forwards to the active ISA. */
+fbp_status fbp_gemm_dact_f32(float *dz, float *dbias, const float *a, const float *b,
+                             const float *y, int64_t m, int64_t n, int64_t k, int64_t rs_a,
+                             int64_t cs_a, int64_t rs_b, int64_t cs_b, fbp_activation act,
+                             int accumulate);
+fbp_status fbp_gemm_dact_f64(double *dz, double *dbias, const double *a, const double *b,
+                             const double *y, int64_t m, int64_t n, int64_t k, int64_t rs_a,
+                             int64_t cs_a, int64_t rs_b, int64_t cs_b, fbp_activation act,
+                             int accumulate);
 
 /* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
  * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on

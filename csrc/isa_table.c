@@ -24,6 +24,7 @@ FBP_DECLARE_ISA_KERNELS(double, f64_avx2)
         .sgd_step = FBP_CAT(fbp_sgd_step_, S),                                                     \
         .adam_step = FBP_CAT(fbp_adam_step_, S),                                                   \
         .small_step = FBP_SMALL_STEP(T, S),                                                        \
+        .gemm_dact = FBP_CAT(fbp_gemm_dact_, S),                                                   \
     }
 
 const fbp_table_f32 FBP_CAT(fbp_table_f32_,

@@ -15,6 +15,9 @@
 /* This ISA object's kernels: fbp_gemm_f32_avx2, ..., and the fused small-network step. */
 #define FBP_DECLARE_ISA_KERNELS_(T, S)                                                             \
     FBP_DECLARE_KERNELS(T, S)                                                                      \
+    fbp_status fbp_gemm_dact_##S(T *dz, T *dbias, const T *a, const T *b, const T *y, int64_t m,   \
+                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,   \
+                                 int64_t cs_b, fbp_activation act, int accumulate);                \
     fbp_status fbp_small_step_##S(const fbp_small_net *net, double *loss, int64_t rows,            \
                                   fbp_loss kind, fbp_optimizer *opt);
 #define FBP_DECLARE_ISA_KERNELS(T, S) FBP_DECLARE_ISA_KERNELS_(T, S)

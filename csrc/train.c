@@ -52,6 +52,12 @@ void fbp_set_small_step(int on) {
     __atomic_store_n(&small_step_enabled, on != 0, __ATOMIC_RELAXED);
 }
 
+static int dact_fusion_enabled = 1;
+
+void fbp_set_dact_fusion(int on) {
+    __atomic_store_n(&dact_fusion_enabled, on != 0, __ATOMIC_RELAXED);
+}
+
 static size_t dtype_size(fbp_dtype dtype) {
     return dtype == FBP_F64 ? sizeof(double) : sizeof(float);
 }
@@ -572,6 +578,11 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
     const REAL *params = plan->params;
     REAL *grads = plan->grads;
     REAL *g = plan->grad_a, *spare = plan->grad_b;
+    /* The layer below's activation backward runs in this layer's input-gradient product
+     * (fbp_gemm_dact) when that layer is a Linear too: one pass over dZ and Y fewer, and each
+     * thread then handles the columns its part of the product wrote. */
+    const int fuse = __atomic_load_n(&dact_fusion_enabled, __ATOMIC_RELAXED);
+    int dz_ready = 0; /* g already holds this op's dZ (and its bias gradient is done) */
     for (int32_t i = plan->n_ops - 1; i >= 0; i--) {
         const fbp_op *op = &plan->ops[i];
         const REAL *x = TFN(op_input)(plan, i);
@@ -582,16 +593,28 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
         switch (op->kind) {
         case FBP_OP_LINEAR:
             /* dZ = dY * act'(Y) in place, db += colsum(dZ); dW += dZ.T @ X; dX = dZ @ W */
-            st = KERNEL(activation_backward)(g, op->bias >= 0 ? grads + op->bias : NULL, g, y, rows,
-                                             out, (fbp_activation)op->activation, accumulate);
+            if (!dz_ready)
+                st = KERNEL(activation_backward)(g, op->bias >= 0 ? grads + op->bias : NULL, g, y,
+                                                 rows, out, (fbp_activation)op->activation,
+                                                 accumulate);
+            dz_ready = 0;
             if (st == FBP_OK)
                 st = KERNEL(gemm)(grads + op->weight, g, x, NULL, out, in, rows, 1, out, in, 1, in,
                                   1, accumulate ? 1 : 0, FBP_ACT_IDENTITY);
             /* dW and db are final: their reduction can overlap the dX product below */
             if (st == FBP_OK && grads_ready && grads_ready(ctx, i)) return FBP_ERR_INTERRUPTED;
             if (st == FBP_OK && need_dx) {
-                st = KERNEL(gemm)(spare, g, params + op->weight, NULL, rows, in, out, out, 1, in, 1,
-                                  in, 1, 0, FBP_ACT_IDENTITY);
+                const fbp_op *below = i > 0 ? &plan->ops[i - 1] : NULL;
+                if (fuse && below && below->kind == FBP_OP_LINEAR) {
+                    st = KERNEL(gemm_dact)(spare, below->bias >= 0 ? grads + below->bias : NULL, g,
+                                           params + op->weight, plan->cur_out[i - 1], rows, in, out,
+                                           out, 1, in, 1, (fbp_activation)below->activation,
+                                           accumulate);
+                    dz_ready = 1;
+                } else {
+                    st = KERNEL(gemm)(spare, g, params + op->weight, NULL, rows, in, out, out, 1,
+                                      in, 1, in, 1, 0, FBP_ACT_IDENTITY);
+                }
                 REAL *t = g;
                 g = spare;
                 spare = t;
