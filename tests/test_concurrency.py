@@ -189,9 +189,13 @@ def test_concurrent_calls_on_one_model_are_refused():
 
 SIGINT_CHILD = textwrap.dedent(
     """
-    import sys, time
+    import faulthandler, sys, time
     import numpy as np
     import fastbp
+
+    # A child that has not finished 30 s in prints every thread's stack and exits, so a hang
+    # (seen once in CI, never reproduced in 50 local runs) reports where it was.
+    faulthandler.dump_traceback_later(30, exit=True)
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((4096, 64)).astype(np.float32)
