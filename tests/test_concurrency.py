@@ -189,12 +189,15 @@ def test_concurrent_calls_on_one_model_are_refused():
 
 SIGINT_CHILD = textwrap.dedent(
     """
-    import faulthandler, sys, time
+    import faulthandler, signal, sys, time
     import numpy as np
     import fastbp
 
-    # A child that has not finished 30 s in prints every thread's stack and exits, so a hang
-    # (seen once in CI, never reproduced in 50 local runs) reports where it was.
+    # Python raises KeyboardInterrupt on SIGINT only if SIGINT was not ignored when it
+    # started, and a test runner started as a background job of a non-interactive shell has
+    # it ignored (POSIX), which the child inherits: the fit then ran until killed.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A child still running 30 s in prints every thread's stack and exits.
     faulthandler.dump_traceback_later(30, exit=True)
 
     rng = np.random.default_rng(0)
