@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -16,6 +17,38 @@ from fastbp import _core
 
 ISAS = fastbp.available_isas()
 DTYPES = [np.float32, np.float64]
+
+
+ACTIVATION_LAYERS = {
+    "sigmoid": fastbp.Sigmoid,
+    "relu": fastbp.ReLU,
+    "tanh": fastbp.Tanh,
+    "identity": None,
+}
+
+
+def build_mlp(sizes, acts, dtype, bias=True, seed=0) -> fastbp.Sequential:
+    """Linear layers of the given widths, seeded, with the activations `acts` (names) cycled
+    over the hidden layers and none after the last."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(fastbp.Linear(a, b, bias=bias, dtype=dtype, rng=rng))
+        act = ACTIVATION_LAYERS[acts[i % len(acts)]] if i < len(sizes) - 2 else None
+        if act is not None:
+            layers.append(act())
+    return fastbp.Sequential(*layers)
+
+
+@contextlib.contextmanager
+def switched(setter, on: bool):
+    """Run the block with one of _core's testing switches (``_set_small_step``,
+    ``_set_dact_fusion``) set to `on`, turning it back on after."""
+    setter(on)
+    try:
+        yield
+    finally:
+        setter(True)
 
 
 @contextlib.contextmanager

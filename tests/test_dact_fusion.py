@@ -11,38 +11,21 @@ MC blocks of rows, ragged edge tiles, and the shallow products (k < 32) that run
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-
 import numpy as np
 import pytest
 
 import fastbp
 from fastbp import _core
 
-from .conftest import using_threads
+from .conftest import build_mlp, switched, using_threads
 
 
-@contextlib.contextmanager
 def dact_fusion(on: bool):
-    _core._set_dact_fusion(on)
-    try:
-        yield
-    finally:
-        _core._set_dact_fusion(True)
-
-
-ACTS = {"sigmoid": fastbp.Sigmoid, "relu": fastbp.ReLU, "tanh": fastbp.Tanh, "identity": None}
+    return switched(_core._set_dact_fusion, on)
 
 
 def build(sizes, act, dtype, bias=True, seed=0) -> fastbp.Sequential:
-    rng = np.random.default_rng(seed)
-    layers = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(fastbp.Linear(a, b, bias=bias, dtype=dtype, rng=rng))
-        if i < len(sizes) - 2 and ACTS[act] is not None:
-            layers.append(ACTS[act]())
-    return fastbp.Sequential(*layers)
+    return build_mlp(sizes, [act], dtype, bias=bias, seed=seed)
 
 
 def fit_state(on, sizes, act, dtype, batch_size, n, bias=True, threads=1):

@@ -11,39 +11,20 @@ the direct-path limit.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-
 import numpy as np
 import pytest
 
 import fastbp
 from fastbp import _core
 
-from .conftest import using_threads
+from .conftest import build_mlp, switched, using_threads
 
 
-@contextlib.contextmanager
 def small_step(on: bool):
-    _core._set_small_step(on)
-    try:
-        yield
-    finally:
-        _core._set_small_step(True)
+    return switched(_core._set_small_step, on)
 
 
-ACTS = {"sigmoid": fastbp.Sigmoid, "relu": fastbp.ReLU, "tanh": fastbp.Tanh, "identity": None}
-
-
-def build(sizes, acts, dtype, bias=True, seed=0) -> fastbp.Sequential:
-    rng = np.random.default_rng(seed)
-    layers = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(fastbp.Linear(a, b, bias=bias, dtype=dtype, rng=rng))
-        act = ACTS[acts[i % len(acts)]] if i < len(sizes) - 2 else None
-        if act is not None:
-            layers.append(act())
-    return fastbp.Sequential(*layers)
+build = build_mlp
 
 
 def make_optimizer(name: str, model: fastbp.Sequential):
