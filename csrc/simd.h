@@ -181,18 +181,35 @@ FBP_INLINE vf64 vscale2_f64(vf64 p, vf64 n, vi64 ni) {
 }
 #endif
 
+/* Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2: returns r, and n as a float and as an
+ * integer (for vscale2). Shared by exp and tanh's expm1. */
+FBP_INLINE vf32 vreduce_ln2_f32(vf32 x, vf32 *n, vi32 *ni) {
+    const vf32 magic = vbcast_f32(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf32 t = x * 1.44269504088896341f + magic;
+    *n = t - magic;
+    *ni = (vi32)t - (vi32)magic;
+    vf32 r = x - *n * 0.693359375f;
+    return r - *n * -2.12194440e-4f;
+}
+
+FBP_INLINE vf64 vreduce_ln2_f64(vf64 x, vf64 *n, vi64 *ni) {
+    const vf64 magic = vbcast_f64(6755399441055744.0); /* 1.5 * 2^52 */
+    vf64 t = x * 1.44269504088896338700e+00 + magic;
+    *n = t - magic;
+    *ni = (vi64)t - (vi64)magic;
+    vf64 r = x - *n * 6.93147180369123816490e-01;
+    return r - *n * 1.90821492927058770002e-10;
+}
+
 /* exp(x) for x <= 0 (NaN propagates). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a
  * Taylor polynomial accurate to < 0.2 ulp on that interval, and the scale 2^n applied as two
  * halves so results down in the subnormal range are still right (exp(-100) in float is
  * subnormal; a single 2^n would underflow to 0). Below the smallest subnormal it returns 0. */
 FBP_INLINE vf32 vexp_nonpos_f32(vf32 x) {
     x = vselect_f32(x < -104.0f, vbcast_f32(-104.0f), x);
-    const vf32 magic = vbcast_f32(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vf32 t = x * 1.44269504088896341f + magic;
-    vf32 n = t - magic;
-    vi32 ni = (vi32)t - (vi32)magic;
-    vf32 r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
+    vf32 n;
+    vi32 ni;
+    const vf32 r = vreduce_ln2_f32(x, &n, &ni);
     vf32 p = vbcast_f32(1.98412698e-4f);
     p = p * r + 1.38888889e-3f;
     p = p * r + 8.33333333e-3f;
@@ -206,12 +223,9 @@ FBP_INLINE vf32 vexp_nonpos_f32(vf32 x) {
 
 FBP_INLINE vf64 vexp_nonpos_f64(vf64 x) {
     x = vselect_f64(x < -746.0, vbcast_f64(-746.0), x);
-    const vf64 magic = vbcast_f64(6755399441055744.0); /* 1.5 * 2^52 */
-    vf64 t = x * 1.44269504088896338700e+00 + magic;
-    vf64 n = t - magic;
-    vi64 ni = (vi64)t - (vi64)magic;
-    vf64 r = x - n * 6.93147180369123816490e-01;
-    r = r - n * 1.90821492927058770002e-10;
+    vf64 n;
+    vi64 ni;
+    const vf64 r = vreduce_ln2_f64(x, &n, &ni);
     vf64 p = vbcast_f64(1.60590438368216133e-10);
     p = p * r + 2.08767569878681002e-09;
     p = p * r + 2.50521083854417202e-08;
@@ -249,12 +263,9 @@ FBP_DEFINE_SIGMOID(vf64, f64)
 FBP_INLINE vf32 vtanh_f32(vf32 x) {
     vf32 m = -2 * vabs_f32(x);
     m = vselect_f32(m < -20.0f, vbcast_f32(-20.0f), m);
-    const vf32 magic = vbcast_f32(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vf32 t = m * 1.44269504088896341f + magic;
-    vf32 n = t - magic;
-    vi32 ni = (vi32)t - (vi32)magic;
-    vf32 r = m - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
+    vf32 n;
+    vi32 ni;
+    const vf32 r = vreduce_ln2_f32(m, &n, &ni);
     vf32 q = vbcast_f32(2.48015873e-5f);
     q = q * r + 1.98412698e-4f;
     q = q * r + 1.38888889e-3f;
@@ -271,12 +282,9 @@ FBP_INLINE vf32 vtanh_f32(vf32 x) {
 FBP_INLINE vf64 vtanh_f64(vf64 x) {
     vf64 m = -2 * vabs_f64(x);
     m = vselect_f64(m < -40.0, vbcast_f64(-40.0), m);
-    const vf64 magic = vbcast_f64(6755399441055744.0); /* 1.5 * 2^52 */
-    vf64 t = m * 1.44269504088896338700e+00 + magic;
-    vf64 n = t - magic;
-    vi64 ni = (vi64)t - (vi64)magic;
-    vf64 r = m - n * 6.93147180369123816490e-01;
-    r = r - n * 1.90821492927058770002e-10;
+    vf64 n;
+    vi64 ni;
+    const vf64 r = vreduce_ln2_f64(m, &n, &ni);
     vf64 q = vbcast_f64(1.14707455977297247e-11);
     q = q * r + 1.60590438368216133e-10;
     q = q * r + 2.08767569878681002e-09;
