@@ -189,28 +189,20 @@ const char *fbp_openmp_info(void) {
 FBP_FORWARDERS(float, f32, active_f32)
 FBP_FORWARDERS(double, f64, active_f64)
 
-fbp_status fbp_small_step_f32(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
-                              fbp_optimizer *opt) {
-    return active_f32->small_step(net, loss, rows, kind, opt);
-}
-fbp_status fbp_small_step_f64(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
-                              fbp_optimizer *opt) {
-    return active_f64->small_step(net, loss, rows, kind, opt);
-}
+/* The internal kernels (internal.h), the same way. */
+#define FBP_INTERNAL_FORWARDERS(T, SFX, TABLE)                                                     \
+    fbp_status fbp_small_step_##SFX(const fbp_small_net *net, double *loss, int64_t rows,          \
+                                    fbp_loss kind, fbp_optimizer *opt) {                           \
+        return TABLE->small_step(net, loss, rows, kind, opt);                                      \
+    }                                                                                              \
+    fbp_status fbp_gemm_dact_##SFX(T *dz, T *dbias, const T *a, const T *b, const T *y, int64_t m, \
+                                   int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, \
+                                   int64_t cs_b, fbp_activation act, int accumulate) {             \
+        return TABLE->gemm_dact(dz, dbias, a, b, y, m, n, k, rs_a, cs_a, rs_b, cs_b, act,          \
+                                accumulate);                                                       \
+    }
 
-fbp_status fbp_gemm_dact_f32(float *dz, float *dbias, const float *a, const float *b,
-                             const float *y, int64_t m, int64_t n, int64_t k, int64_t rs_a,
-                             int64_t cs_a, int64_t rs_b, int64_t cs_b, fbp_activation act,
-                             int accumulate) {
-    return active_f32->gemm_dact(dz, dbias, a, b, y, m, n, k, rs_a, cs_a, rs_b, cs_b, act,
-                                 accumulate);
-}
-fbp_status fbp_gemm_dact_f64(double *dz, double *dbias, const double *a, const double *b,
-                             const double *y, int64_t m, int64_t n, int64_t k, int64_t rs_a,
-                             int64_t cs_a, int64_t rs_b, int64_t cs_b, fbp_activation act,
-                             int accumulate) {
-    return active_f64->gemm_dact(dz, dbias, a, b, y, m, n, k, rs_a, cs_a, rs_b, cs_b, act,
-                                 accumulate);
-}
+FBP_INTERNAL_FORWARDERS(float, f32, active_f32)
+FBP_INTERNAL_FORWARDERS(double, f64, active_f64)
 
 const char *fbp_version(void) { return FASTBP_VERSION; }
