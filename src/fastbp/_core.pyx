@@ -751,15 +751,9 @@ def all_finite(object x):
         PyObject_GetBuffer(x, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
     except (BufferError, TypeError, ValueError):
         return None
-    cdef const char *fmt = view.format
     cdef int64_t n = view.len // view.itemsize if view.itemsize > 0 else 0
     cdef int ok = 1
-    cdef int kind = 0
-    if fmt != NULL and fmt[0] != 0 and fmt[1] == 0:
-        if fmt[0] == b'f' and view.itemsize == 4:
-            kind = 1
-        elif fmt[0] == b'd' and view.itemsize == 8:
-            kind = 2
+    cdef int kind = _float_kind(&view)
     if kind == 0:
         PyBuffer_Release(&view)
         return None
