@@ -183,6 +183,43 @@ def test_short_epochs_in_one_c_call_equal_one_call_per_epoch(shuffle, opt_name):
     assert all(t > 0 for t in h_fast["time"])
 
 
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_epoch_loss_does_not_depend_on_how_the_epoch_is_split_into_c_calls(
+    monkeypatch, skip_nonfinite
+):
+    """fit calls into C in chunks of batches sized by how long the last call took, so where the
+    chunks end depends on the machine's speed at the moment. The epoch's loss must not: it is one
+    running sum over the batches, in order, across chunks (it was a sum of per-chunk sums, whose
+    last bits changed with the chunking: seen as a rare failure on a loaded machine). With
+    skip_nonfinite, a batch whose loss overflows ends a chunk early and is left out."""
+    from fastbp import _model
+
+    monkeypatch.setattr(_model, "_CHUNK_SECONDS", 0.0)  # chunks keep their first size
+    if skip_nonfinite:
+        X, T = regression_data(200, dtype=np.float64)
+        T[13] = 1e300  # its batch's squared error overflows
+        loss, sizes, dtype = "mse", [4, 32, 2], np.float64
+    else:
+        (X, T), loss, sizes, dtype = (
+            classification_data(200),
+            "cross_entropy",
+            [8, 32, 3],
+            np.float32,
+        )
+    histories = []
+    for chunk in (1, 3, 29):  # batches per call into C (29: the whole epoch)
+        monkeypatch.setattr(type(fastbp.MLP([2, 1])), "_first_chunk", lambda self, *a, c=chunk: c)
+        model = fastbp.MLP(sizes, seed=0, dtype=dtype)
+        opt = optim.SGD(model.parameters(), lr=0.01)
+        hist = model.fit(
+            X, T, loss=loss, optimizer=opt, epochs=3, batch_size=7, seed=1,
+            callbacks=[lambda epoch, logs: None], stop_on_nonfinite=not skip_nonfinite,
+        )  # fmt: skip
+        assert all(math.isfinite(v) for v in hist["loss"])
+        histories.append(hist["loss"])
+    assert histories[0] == histories[1] == histories[2]
+
+
 def test_short_epochs_stop_at_a_nonfinite_loss_like_the_general_loop():
     X = np.ones((12, 2))
     T = np.zeros((12, 1))

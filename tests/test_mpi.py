@@ -295,7 +295,7 @@ def test_one_rank_comm_fit_equals_plain_fit_bitwise(dtype: Any, deterministic: b
         callbacks=[lambda epoch, logs: seen.append(epoch)],
     )
     np.testing.assert_array_equal(dist._params, plain._params)
-    # the epoch loss is summed in another grouping (per step, not per C chunk): rounding only
+    # the epoch loss goes through the reduction (loss * grad scale, summed over ranks): rounding only
     assert h_dist["loss"] == pytest.approx(h_plain["loss"], rel=1e-12)
     assert h_dist["val_accuracy"] == h_plain["val_accuracy"]
     assert seen == [0, 1]

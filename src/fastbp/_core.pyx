@@ -700,13 +700,14 @@ cdef class Plan:
         return -1, -1
 
     def train_batches(self, X, Y, order, int64_t batch_size, int64_t first, int64_t count,
-                      int loss_kind, OptimizerState opt):
-        """Returns (loss_sum, bad_batch); bad_batch >= 0 when that batch's loss was not finite."""
+                      int loss_kind, OptimizerState opt, double loss_sum=0):
+        """Returns (loss_sum, bad_batch): loss_sum plus each batch's loss * rows, added in turn
+        (so an epoch's sum is the same however it is split into calls); bad_batch >= 0 when
+        that batch's loss was not finite."""
         cdef const void *xp = data_ptr(X)
         cdef const void *yp = data_ptr(Y)
         cdef const int64_t *orderp = <const int64_t *>data_ptr(order)
         cdef int64_t n = X.shape[0]
-        cdef double loss_sum = 0
         cdef int64_t bad = -1
         cdef fbp_status status
         with nogil:

@@ -749,10 +749,11 @@ class Sequential(Module):
             t0 = time.perf_counter()
             with self._exclusive():
                 optimizer._sync(state)
-                part, bad = self._plan.train_batches(
-                    Xa, Ya, order, batch_size, first, count, loss_obj.kind, state
+                # the running sum goes into C: an epoch's loss is then summed batch by batch
+                # in order, whatever the (timing-dependent) chunks
+                loss_sum, bad = self._plan.train_batches(
+                    Xa, Ya, order, batch_size, first, count, loss_obj.kind, state, loss_sum
                 )
-            loss_sum += part
             done = (bad if bad >= 0 else first + count) - first
             rows_done += min(n, (first + done) * batch_size) - first * batch_size
             if bad >= 0:
