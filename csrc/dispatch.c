@@ -200,6 +200,11 @@ FBP_FORWARDERS(double, f64, active_f64)
                                    int64_t cs_b, fbp_activation act, int accumulate) {             \
         return TABLE->gemm_dact(dz, dbias, a, b, y, m, n, k, rs_a, cs_a, rs_b, cs_b, act,          \
                                 accumulate);                                                       \
+    }                                                                                              \
+    fbp_status fbp_gemm_sgd_##SFX(T *c, const T *a, const T *b, int64_t m, int64_t n, int64_t k,   \
+                                  int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,          \
+                                  T *param, double lr, double weight_decay) {                      \
+        return TABLE->gemm_sgd(c, a, b, m, n, k, rs_a, cs_a, rs_b, cs_b, param, lr, weight_decay); \
     }
 
 FBP_INTERNAL_FORWARDERS(float, f32, active_f32)

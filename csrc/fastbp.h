@@ -153,6 +153,10 @@ void fbp_set_small_step(int on);
 /* A Linear's input gradient applies the Linear below's activation backward in its epilogue
  * (same bits). 0 runs the two kernels in turn, for tests that compare the two. */
 void fbp_set_dact_fusion(int on);
+/* A training step (train_step, fit) with plain SGD (momentum 0) updates each Linear's weights in
+ * the epilogue of their gradient's product (same bits). 0 runs the products and then one update
+ * pass, for tests that compare the two. */
+void fbp_set_update_fusion(int on);
 /* Whether a training step of `batch` rows runs that kernel: every op Linear with at most 256
  * weights, batch x the largest layer's weights within the GEMM's direct path, not turned off. */
 int fbp_plan_small_step_applies(const fbp_plan *plan, int64_t batch);

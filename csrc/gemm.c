@@ -10,6 +10,7 @@
 #ifndef FBP_TEMPLATE_PASS
 #include <omp.h>
 #include <stdlib.h>
+#include <tgmath.h> /* sqrt resolves to sqrtf for float (update.h) */
 
 #include "kernel.h"
 
@@ -113,6 +114,37 @@ FBP_INLINE VEC LFN(epilogue_dact)(REAL *dst, VEC acc, int64_t cnt, const REAL *y
     const VEC g = LFN(act_grad)(x, V_(vload_n)(y, cnt), act);
     V_(vstore_n)(dst, g, cnt);
     return g;
+}
+
+#include "update.h"
+
+/* The SGD epilogue (fbp_gemm_sgd): C's final value is a weight gradient, and each block of rows,
+ * once final, is applied to the weights at the same places while it is still in this core's
+ * cache. The separate pass over the flat buffer read every gradient back (W4: 22 MB per step)
+ * and, on two threads, split the buffer differently from the product. Adam's update in the same
+ * place streamed three arrays through L2 between the tiles and made W3's 2-thread epoch 2-3%
+ * slower, so only plain SGD is fused. */
+typedef struct {
+    REAL *p; /* like C: p[i * ldc + j] */
+    REAL lr, wd;
+} LFN(sgd);
+
+/* Rows [i0, i1), columns [j0, j1) of C are final: update the weights there, row by row, in the
+ * optimizer kernel's floating-point mode and with its per-element code. */
+static void LFN(sgd_block)(const LFN(sgd) * u, const REAL *c, int64_t ldc, int64_t i0, int64_t i1,
+                           int64_t j0, int64_t j1) {
+    const unsigned fp_mode = fbp_fp_flush_enter();
+    for (int64_t i = i0; i < i1; i++)
+        LFN(sgd_body)(u->p + i * ldc + j0, NULL, c + i * ldc + j0, j1 - j0, u->lr, 0, 1, u->wd, 0,
+                      0);
+    fbp_fp_restore(fp_mode);
+}
+
+/* The same update for C + offset. */
+static inline LFN(sgd) LFN(sgd_offset)(const LFN(sgd) * u, int64_t offset) {
+    LFN(sgd) v = *u;
+    v.p += offset;
+    return v;
 }
 
 #define FBP_LANES(F, S) FBP_CAT(FBP_LANES_, VLN)(F, S)
@@ -552,7 +584,8 @@ FBP_INLINE void LFN(prefetch_sliver)(const REAL *a, int64_t rs, int64_t rows, in
 static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                               int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                               int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
-                              REAL *packed_b, REAL *packed_a, int fetch_a, const LFN(dact) * dact) {
+                              REAL *packed_b, REAL *packed_a, int fetch_a, const LFN(dact) * dact,
+                              const LFN(sgd) * sgd) {
     const int64_t kc_step = LFN(balanced_kc)(k);
     /* A row-major B is read in place, not packed, when its slivers stream from L2 anyway
      * (GEMM_A_OUTER): packing was ~8% of a W3-sized GEMM. Whole slivers only; the ragged last
@@ -670,7 +703,14 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                             LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc, bias_j, alpha,
                                             beta, first, last, act, dact, i, j);
                         }
+                        /* GEMM_A_OUTER: this sliver's rows of the panel are final */
+                        if (sgd && last && GEMM_A_OUTER) {
+                            const int64_t i0 = ic + o * MR;
+                            LFN(sgd_block)(sgd, c, ldc, i0, min_i64(i0 + MR, m), jc, jc + nc);
+                        }
                     }
+                    if (sgd && last && !GEMM_A_OUTER)
+                        LFN(sgd_block)(sgd, c, ldc, ic, ic + mc, jc, jc + nc);
                 }
             }
         }
@@ -687,7 +727,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                                    int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,
                                    int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
                                    fbp_activation act, size_t b_bytes, size_t a_bytes, int nthreads,
-                                   int fetch_a, const LFN(dact) * dact) {
+                                   int fetch_a, const LFN(dact) * dact, const LFN(sgd) * sgd) {
     const int64_t col_parts = (n + NR - 1) / NR, row_parts = (m + MR - 1) / MR;
     /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
     const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
@@ -702,7 +742,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
         char *scratch = fbp_scratch(b_bytes + a_bytes);
         if (!scratch) return FBP_ERR_NOMEM;
         LFN(gemm_blocked)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                          (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a, dact);
+                          (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a, dact, sgd);
         return FBP_OK;
     }
     int failed = 0;
@@ -729,16 +769,20 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                     mine.y += j0;
                     if (mine.dbias) mine.dbias += j0;
                 }
+                LFN(sgd) my_sgd; /* and of the parameters */
+                if (sgd) my_sgd = LFN(sgd_offset)(sgd, j0);
                 if (j1 > j0)
                     LFN(gemm_blocked)(c + j0, a, b + j0 * cs_b, bias ? bias + j0 : NULL, m, j1 - j0,
                                       k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa,
-                                      fetch_a, dact ? &mine : NULL);
+                                      fetch_a, dact ? &mine : NULL, sgd ? &my_sgd : NULL);
             } else {
                 const int64_t i0 = lo * MR, i1 = min_i64(hi * MR, m);
+                LFN(sgd) my_sgd;
+                if (sgd) my_sgd = LFN(sgd_offset)(sgd, i0 * ldc);
                 if (i1 > i0)
                     LFN(gemm_blocked)(c + i0 * ldc, a + i0 * rs_a, b, bias, i1 - i0, n, k, rs_a,
                                       cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa, fetch_a,
-                                      NULL);
+                                      NULL, sgd ? &my_sgd : NULL);
             }
         }
     }
@@ -748,13 +792,13 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
 static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                                 int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
-                                fbp_activation act, const LFN(dact) * dact);
+                                fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd);
 
 fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,
                      int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc,
                      REAL alpha, REAL beta, fbp_activation act) {
     return LFN(gemm_any)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                         NULL);
+                         NULL, NULL);
 }
 
 fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, const REAL *y,
@@ -774,13 +818,24 @@ fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, c
     if (dbias && !accumulate) memset(dbias, 0, (size_t)n * sizeof(REAL));
     const LFN(dact) dact = {y ? y : dz, n, dbias, act}; /* identity never reads y */
     return LFN(gemm_any)(dz, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY,
-                         &dact);
+                         &dact, NULL);
+}
+
+fbp_status KFN(gemm_sgd)(REAL *c, const REAL *a, const REAL *b, int64_t m, int64_t n, int64_t k,
+                         int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, REAL *param,
+                         double lr, double weight_decay) {
+    if (m < 0 || n < 0 || k < 0) return FBP_ERR_INVALID;
+    if (m == 0 || n == 0) return FBP_OK;
+    if (!param) return FBP_ERR_INVALID;
+    const LFN(sgd) u = {param, (REAL)lr, (REAL)weight_decay};
+    return LFN(gemm_any)(c, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY,
+                         NULL, &u);
 }
 
 static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                                 int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
-                                fbp_activation act, const LFN(dact) * dact) {
+                                fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd) {
     if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
     if (m == 0 || n == 0) return FBP_OK;
     if (!c || ldc < n || (k > 0 && (!a || !b))) return FBP_ERR_INVALID;
@@ -789,12 +844,14 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
             for (int64_t j = 0; j < n; j += VL)
                 LFN(epilogue)(c + i * ldc + j, V_(vbcast)(0), min_i64(VL, n - j),
                               bias ? bias + j : NULL, alpha, beta, 1, 1, act);
+        if (sgd) LFN(sgd_block)(sgd, c, ldc, 0, m, 0, n);
         return FBP_OK;
     }
     const double macs = (double)m * (double)n * (double)k;
     if (macs <= FBP_GEMM_DIRECT_MAX_MACS) { /* the packed path's fixed costs would dominate */
         LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
                          dact);
+        if (sgd) LFN(sgd_block)(sgd, c, ldc, 0, m, 0, n);
         return FBP_OK;
     }
     const int64_t kc_max = min_i64(LFN(balanced_kc)(k), k);
@@ -807,7 +864,7 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
     /* with more than one thread configured, the operands are often another core's output */
     const int fetch_a = fbp_get_num_threads() > 1;
     return LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                            b_bytes, a_bytes, nthreads, fetch_a, dact);
+                            b_bytes, a_bytes, nthreads, fetch_a, dact, sgd);
 }
 
 #undef FBP_LANES

@@ -45,7 +45,9 @@ typedef struct {
                             double, int, int64_t);                                                 \
     fbp_status (*small_step)(const fbp_small_net *, double *, int64_t, fbp_loss, fbp_optimizer *); \
     fbp_status (*gemm_dact)(T *, T *, const T *, const T *, const T *, int64_t, int64_t, int64_t,  \
-                            int64_t, int64_t, int64_t, int64_t, fbp_activation, int);
+                            int64_t, int64_t, int64_t, int64_t, fbp_activation, int);              \
+    fbp_status (*gemm_sgd)(T *, const T *, const T *, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                           int64_t, int64_t, T *, double, double);
 
 typedef struct {
     FBP_TABLE_FIELDS(float)
@@ -80,6 +82,18 @@ fbp_status fbp_gemm_dact_f64(double *dz, double *dbias, const double *a, const d
                              const double *y, int64_t m, int64_t n, int64_t k, int64_t rs_a,
                              int64_t cs_a, int64_t rs_b, int64_t cs_b, fbp_activation act,
                              int accumulate);
+
+/* A weight gradient with plain SGD's update in its epilogue: c (m x n, dense) = A' @ B', then
+ * param (m x n, dense like c) -= lr * (c + weight_decay * param), as fbp_sgd_step with momentum
+ * 0 would over those m * n elements. The same bits as fbp_gemm followed by that update; each
+ * block of c is applied as it becomes final, on the thread that computed it. Forwards to the
+ * active ISA. */
+fbp_status fbp_gemm_sgd_f32(float *c, const float *a, const float *b, int64_t m, int64_t n,
+                            int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
+                            float *param, double lr, double weight_decay);
+fbp_status fbp_gemm_sgd_f64(double *c, const double *a, const double *b, int64_t m, int64_t n,
+                            int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
+                            double *param, double lr, double weight_decay);
 
 /* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
  * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on

@@ -25,6 +25,7 @@ FBP_DECLARE_ISA_KERNELS(double, f64_avx2)
         .adam_step = FBP_CAT(fbp_adam_step_, S),                                                   \
         .small_step = FBP_SMALL_STEP(T, S),                                                        \
         .gemm_dact = FBP_CAT(fbp_gemm_dact_, S),                                                   \
+        .gemm_sgd = FBP_CAT(fbp_gemm_sgd_, S),                                                     \
     }
 
 const fbp_table_f32 FBP_CAT(fbp_table_f32_,

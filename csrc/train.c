@@ -7,6 +7,7 @@
 #ifndef FBP_TRAIN_PASS
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -44,6 +45,16 @@ struct fbp_plan {
     /* The fused small-network step (small.c): when every op is a Linear of at most
      * FBP_SMALL_MAX_WEIGHTS weights, the largest in x out, else 0. */
     int64_t small_weights;
+
+    /* The update in the weight-gradient products (fbp_gemm_sgd): the Linear weights' ranges
+     * of the flat buffer in ascending order, n_fused of them (0 when two overlap), and what the
+     * last step ran with, whose products sized its threads' scratch (see update_fusable). */
+    int64_t *fused_at, *fused_len;
+    int32_t n_fused;
+    int64_t warm_rows; /* -1: no step yet */
+    pthread_t warm_caller;
+    int warm_threads;
+    fbp_isa warm_isa;
 };
 
 static int small_step_enabled = 1;
@@ -56,6 +67,33 @@ static int dact_fusion_enabled = 1;
 
 void fbp_set_dact_fusion(int on) {
     __atomic_store_n(&dact_fusion_enabled, on != 0, __ATOMIC_RELAXED);
+}
+
+static int update_fusion_enabled = 1;
+
+void fbp_set_update_fusion(int on) {
+    __atomic_store_n(&update_fusion_enabled, on != 0, __ATOMIC_RELAXED);
+}
+
+/* Whether a step's weight update can run in the weight-gradient products (fbp_gemm_sgd): plain
+ * SGD, whose update needs no state, and the same batch rows, calling thread, thread count and
+ * ISA as the plan's last step. The update then runs inside the backward, layer by layer, so a
+ * product failing there would leave some layers updated; a product fails only when a thread's
+ * scratch cannot grow, and scratch only grows, so a step that repeats the last one's products
+ * on the same threads needs no more. */
+static int update_fusable(const fbp_plan *plan, const fbp_optimizer *opt, int64_t rows) {
+    return plan->n_fused > 0 && opt->kind == FBP_OPT_SGD && opt->momentum == 0 &&
+           __atomic_load_n(&update_fusion_enabled, __ATOMIC_RELAXED) && plan->warm_rows == rows &&
+           pthread_equal(plan->warm_caller, pthread_self()) &&
+           plan->warm_threads == fbp_get_num_threads() && plan->warm_isa == fbp_active_isa();
+}
+
+/* Records the step that just ran, for update_fusable. */
+static void warm_step(fbp_plan *plan, int64_t rows) {
+    plan->warm_rows = rows;
+    plan->warm_caller = pthread_self();
+    plan->warm_threads = fbp_get_num_threads();
+    plan->warm_isa = fbp_active_isa();
 }
 
 static size_t dtype_size(fbp_dtype dtype) {
@@ -179,8 +217,10 @@ fbp_status fbp_plan_create(fbp_plan **out, fbp_dtype dtype, const fbp_op *ops, i
     plan->bn_stats = calloc((size_t)n_ops, sizeof *plan->bn_stats);
     plan->cur_out = calloc((size_t)n_ops, sizeof *plan->cur_out);
     plan->bn_batches = calloc((size_t)n_ops, sizeof *plan->bn_batches);
+    plan->fused_at = malloc((size_t)n_ops * sizeof *plan->fused_at);
+    plan->fused_len = malloc((size_t)n_ops * sizeof *plan->fused_len);
     if (!plan->ops || !plan->outs || !plan->masks || !plan->bn_stats || !plan->cur_out ||
-        !plan->bn_batches) {
+        !plan->bn_batches || !plan->fused_at || !plan->fused_len) {
         fbp_plan_destroy(plan);
         return FBP_ERR_NOMEM;
     }
@@ -201,6 +241,20 @@ fbp_status fbp_plan_create(fbp_plan **out, fbp_dtype dtype, const fbp_op *ops, i
         }
         if (weights > plan->small_weights) plan->small_weights = weights;
     }
+    /* insertion sort by offset; a weight shared between layers would be updated twice */
+    for (int32_t i = 0; i < n_ops; i++) {
+        if (ops[i].kind != FBP_OP_LINEAR) continue;
+        int32_t at = plan->n_fused++;
+        for (; at > 0 && plan->fused_at[at - 1] > ops[i].weight; at--) {
+            plan->fused_at[at] = plan->fused_at[at - 1];
+            plan->fused_len[at] = plan->fused_len[at - 1];
+        }
+        plan->fused_at[at] = ops[i].weight;
+        plan->fused_len[at] = ops[i].in_features * ops[i].out_features;
+    }
+    for (int32_t i = 1; i < plan->n_fused; i++)
+        if (plan->fused_at[i] < plan->fused_at[i - 1] + plan->fused_len[i - 1]) plan->n_fused = 0;
+    plan->warm_rows = -1;
     *out = plan;
     return FBP_OK;
 }
@@ -214,6 +268,8 @@ void fbp_plan_destroy(fbp_plan *plan) {
     free(plan->bn_stats);
     free(plan->cur_out);
     free(plan->bn_batches);
+    free(plan->fused_at);
+    free(plan->fused_len);
     free(plan);
 }
 
@@ -572,10 +628,13 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
 /* Backward with dL/dout already in plan->grad_a. Writes dL/dx to dx when not NULL. Adds the
  * parameter gradients to grads (accumulate: torch's .grad semantics) or overwrites them (every
  * parameter belongs to an op, so none is left stale). Calls grads_ready (when not NULL) after
- * each op whose parameter gradients are then final. */
+ * each op whose parameter gradients are then final. fused (not NULL only without accumulate
+ * and grads_ready, see TFN(step)): the step's plain-SGD optimizer, applied to each Linear's
+ * weights in their gradient's product (fbp_gemm_sgd). */
 static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accumulate,
-                                fbp_grads_ready_fn grads_ready, void *ctx) {
-    const REAL *params = plan->params;
+                                fbp_grads_ready_fn grads_ready, void *ctx,
+                                const fbp_optimizer *fused) {
+    REAL *params = plan->params;
     REAL *grads = plan->grads;
     REAL *g = plan->grad_a, *spare = plan->grad_b;
     /* The layer below's activation backward runs in this layer's input-gradient product
@@ -598,7 +657,7 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
                                                  rows, out, (fbp_activation)op->activation,
                                                  accumulate);
             dz_ready = 0;
-            if (st == FBP_OK)
+            if (st == FBP_OK && !fused)
                 st = KERNEL(gemm)(grads + op->weight, g, x, NULL, out, in, rows, 1, out, in, 1, in,
                                   1, accumulate ? 1 : 0, FBP_ACT_IDENTITY);
             /* dW and db are final: their reduction can overlap the dX product below */
@@ -615,6 +674,12 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
                     st = KERNEL(gemm)(spare, g, params + op->weight, NULL, rows, in, out, out, 1,
                                       in, 1, in, 1, 0, FBP_ACT_IDENTITY);
                 }
+            }
+            /* after dX, which reads the weights the update changes */
+            if (st == FBP_OK && fused)
+                st = KERNEL(gemm_sgd)(grads + op->weight, g, x, out, in, rows, 1, out, in, 1,
+                                      params + op->weight, fused->lr, fused->weight_decay);
+            if (st == FBP_OK && need_dx) {
                 REAL *t = g;
                 g = spare;
                 spare = t;
@@ -659,25 +724,45 @@ static fbp_status TFN(loss)(fbp_plan *plan, double *loss, REAL *dout, const void
     }
 }
 
-static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
-    fbp_status st;
+/* The optimizer over params[at, at + n); opt->step is not changed. */
+static fbp_status TFN(update_range)(fbp_plan *plan, const fbp_optimizer *opt, int64_t at,
+                                    int64_t n) {
+    REAL *p = (REAL *)plan->params + at, *g = (REAL *)plan->grads + at;
+    REAL *s1 = opt->state1 ? (REAL *)opt->state1 + at : NULL;
+    REAL *s2 = opt->state2 ? (REAL *)opt->state2 + at : NULL;
     switch (opt->kind) {
     case FBP_OPT_SGD:
-        st = KERNEL(sgd_step)(plan->params, opt->state1, plan->grads, plan->n_params, opt->lr,
-                              opt->momentum, opt->dampening, opt->weight_decay, opt->nesterov,
-                              opt->step == 0);
-        break;
+        return KERNEL(sgd_step)(p, s1, g, n, opt->lr, opt->momentum, opt->dampening,
+                                opt->weight_decay, opt->nesterov, opt->step == 0);
     case FBP_OPT_ADAM:
     case FBP_OPT_ADAMW:
-        st = KERNEL(adam_step)(plan->params, opt->state1, opt->state2, plan->grads, plan->n_params,
-                               opt->lr, opt->beta1, opt->beta2, opt->eps, opt->weight_decay,
-                               opt->kind == FBP_OPT_ADAMW, opt->step + 1);
-        break;
+        return KERNEL(adam_step)(p, s1, s2, g, n, opt->lr, opt->beta1, opt->beta2, opt->eps,
+                                 opt->weight_decay, opt->kind == FBP_OPT_ADAMW, opt->step + 1);
     default:
         return FBP_ERR_INVALID;
     }
+}
+
+static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
+    const fbp_status st = TFN(update_range)(plan, opt, 0, plan->n_params);
     if (st == FBP_OK) opt->step++;
     return st;
+}
+
+/* The update of what the weight-gradient products did not update: the gaps between the Linear
+ * weights (biases, BatchNorm's parameters). */
+static fbp_status TFN(update_rest)(fbp_plan *plan, fbp_optimizer *opt) {
+    int64_t at = 0;
+    for (int32_t f = 0; f <= plan->n_fused; f++) {
+        const int64_t end = f < plan->n_fused ? plan->fused_at[f] : plan->n_params;
+        if (end > at) {
+            const fbp_status st = TFN(update_range)(plan, opt, at, end - at);
+            if (st != FBP_OK) return st;
+        }
+        if (f < plan->n_fused) at = plan->fused_at[f] + plan->fused_len[f];
+    }
+    opt->step++;
+    return FBP_OK;
 }
 
 /* What the fused step needs of the plan: valid until the workspace or the buffers change. */
@@ -705,8 +790,8 @@ static fbp_status TFN(small_step)(fbp_plan *plan, const fbp_small_net *net, doub
  * no zeroing pass over them (a memset of the whole buffer: 22 us of a W3 step). */
 static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
                                          double grad_scale, fbp_grads_ready_fn grads_ready,
-                                         void *ctx) {
-    if (fbp_plan_small_step_applies(plan, rows) && !grads_ready && grad_scale == 1) {
+                                         void *ctx, const fbp_optimizer *fused) {
+    if (fbp_plan_small_step_applies(plan, rows) && !grads_ready && grad_scale == 1 && !fused) {
         const fbp_small_net net = TFN(small_net)(plan);
         return TFN(small_step)(plan, &net, loss, rows, kind, NULL);
     }
@@ -722,7 +807,7 @@ static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t r
         const REAL s = (REAL)grad_scale;
         for (int64_t e = 0; e < rows * plan->out_features; e++) g[e] *= s;
     }
-    return TFN(backward)(plan, NULL, rows, 0, grads_ready, ctx);
+    return TFN(backward)(plan, NULL, rows, 0, grads_ready, ctx, fused);
 }
 
 /* One step on the batch at plan->batch and plan->target. */
@@ -732,8 +817,13 @@ static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss
         const fbp_small_net net = TFN(small_net)(plan);
         return TFN(small_step)(plan, &net, loss, rows, kind, opt);
     }
-    fbp_status st = TFN(compute_gradients)(plan, loss, rows, kind, 1.0, NULL, NULL);
-    if (st == FBP_OK) st = TFN(update)(plan, opt);
+    const int fused = update_fusable(plan, opt, rows);
+    fbp_status st =
+        TFN(compute_gradients)(plan, loss, rows, kind, 1.0, NULL, NULL, fused ? opt : NULL);
+    if (st == FBP_OK) {
+        warm_step(plan, rows);
+        st = fused ? TFN(update_rest)(plan, opt) : TFN(update)(plan, opt);
+    }
     return st;
 }
 
@@ -757,7 +847,7 @@ static fbp_status TFN(forward_public)(fbp_plan *plan, void *out, const void *x, 
 
 static fbp_status TFN(backward_public)(fbp_plan *plan, void *dx, const void *dy, int64_t rows) {
     memcpy(plan->grad_a, dy, (size_t)(rows * plan->out_features) * sizeof(REAL));
-    return TFN(backward)(plan, dx, rows, 1, NULL, NULL);
+    return TFN(backward)(plan, dx, rows, 1, NULL, NULL, NULL);
 }
 
 static fbp_status TFN(loss_public)(fbp_plan *plan, double *loss, void *dout, const void *target,
@@ -797,7 +887,7 @@ static fbp_status TFN(compute_gradients_public)(fbp_plan *plan, double *loss, co
     plan->batch = plan->input;
     memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));
     plan->row_offset = row_offset;
-    st = TFN(compute_gradients)(plan, loss, rows, kind, grad_scale, grads_ready, ctx);
+    st = TFN(compute_gradients)(plan, loss, rows, kind, grad_scale, grads_ready, ctx, NULL);
     plan->row_offset = 0;
     return st;
 }

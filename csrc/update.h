@@ -3,11 +3,13 @@
  * apply the same arithmetic. Per-dtype helpers without an include guard: a family includes this
  * in each dtype pass (see pointwise.h), after <tgmath.h> so that sqrt is sqrtf for float. */
 
-static inline void LFN(sgd_range)(REAL *restrict p, REAL *restrict buf, const REAL *restrict g,
-                                  int64_t n, REAL lr, REAL mom, REAL keep, REAL wd, int nesterov,
-                                  int first) {
+/* The *_body helpers run in the caller's floating-point mode; the *_range ones set the flush
+ * mode around them (see optim.c's file comment). The GEMM's fused update (gemm.c) calls the
+ * bodies row by row inside one mode switch, so every path applies the same code to each element. */
+static inline void LFN(sgd_body)(REAL *restrict p, REAL *restrict buf, const REAL *restrict g,
+                                 int64_t n, REAL lr, REAL mom, REAL keep, REAL wd, int nesterov,
+                                 int first) {
     /* keep = 1 - dampening, formed in double by the caller and rounded once (as torch does) */
-    const unsigned fp_mode = fbp_fp_flush_enter(); /* see optim.c's file comment */
     if (mom == 0) {
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) p[i] -= lr * (wd != 0 ? g[i] + wd * p[i] : g[i]);
@@ -21,6 +23,13 @@ static inline void LFN(sgd_range)(REAL *restrict p, REAL *restrict buf, const RE
             p[i] -= lr * d;
         }
     }
+}
+
+static inline void LFN(sgd_range)(REAL *restrict p, REAL *restrict buf, const REAL *restrict g,
+                                  int64_t n, REAL lr, REAL mom, REAL keep, REAL wd, int nesterov,
+                                  int first) {
+    const unsigned fp_mode = fbp_fp_flush_enter();
+    LFN(sgd_body)(p, buf, g, n, lr, mom, keep, wd, nesterov, first);
     fbp_fp_restore(fp_mode);
 }
 
@@ -57,11 +66,10 @@ static inline LFN(adam_coefs)
     return c;
 }
 
-static inline void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
-                                   const REAL *restrict g, int64_t n, const LFN(adam_coefs) * c) {
+static inline void LFN(adam_body)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
+                                  const REAL *restrict g, int64_t n, const LFN(adam_coefs) * c) {
     const REAL w1 = c->w1, b2 = c->b2, w2 = c->w2, eps = c->eps, wd = c->wd, decay = c->decay;
     const REAL step_size = c->step_size, bc2_sqrt = c->bc2_sqrt;
-    const unsigned fp_mode = fbp_fp_flush_enter(); /* see optim.c's file comment */
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         REAL pi = p[i] * decay; /* AdamW's decoupled decay; decay == 1 for Adam */
@@ -73,5 +81,11 @@ static inline void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *res
         v[i] = vi;
         p[i] = pi - step_size * (mi / denom);
     }
+}
+
+static inline void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
+                                   const REAL *restrict g, int64_t n, const LFN(adam_coefs) * c) {
+    const unsigned fp_mode = fbp_fp_flush_enter();
+    LFN(adam_body)(p, m, v, g, n, c);
     fbp_fp_restore(fp_mode);
 }

@@ -48,6 +48,7 @@ cdef extern from "fastbp.h" nogil:
     const char *fbp_openmp_info()
     void fbp_set_small_step(int on)
     void fbp_set_dact_fusion(int on)
+    void fbp_set_update_fusion(int on)
 
     fbp_status fbp_gemm_f32(float *c, const float *a, const float *b, const float *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, float alpha, float beta, fbp_activation act)
     fbp_status fbp_gemm_f64(double *c, const double *a, const double *b, const double *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, double alpha, double beta, fbp_activation act)
@@ -183,6 +184,13 @@ def _set_dact_fusion(bint on):
     """Testing hook: False runs each Linear's activation backward as its own pass instead of in
     the input-gradient product of the Linear above (fbp_gemm_dact); both give the same bits."""
     fbp_set_dact_fusion(on)
+
+
+def _set_update_fusion(bint on):
+    """Testing hook: False runs a plain-SGD training step's update as one pass over the flat
+    buffer after the backward, instead of in each weight-gradient product (fbp_gemm_sgd); both
+    give the same bits."""
+    fbp_set_update_fusion(on)
 
 
 def openmp_info():
