@@ -400,12 +400,13 @@ def test_generic_symbols_have_no_avx():
         bad = [ins for ins in body if is_avx(ins)]
         assert not bad, f"{name} contains AVX instructions: {bad[:5]}"
     if "avx2" in fastbp.get_config()["compiled_isas"]:
-        avx2_gemm = "\n".join(functions["fbp_gemm_f32_avx2"] + functions["fbp_gemm_f64_avx2"])
-        avx2_all = "\n".join(
+        # all the avx2 symbols, not only fbp_gemm_*_avx2: whether the compiler inlines the GEMM's
+        # body into that entry point (or leaves it a call) depends on the build's flags
+        avx2_all = [
             ins for name, body in functions.items() if name.endswith("_avx2") for ins in body
-        )
-        assert "%ymm" in avx2_all and "vfmadd" in avx2_all
-        assert any(is_avx(ins) for ins in avx2_gemm.splitlines())
+        ]
+        assert any("%ymm" in ins for ins in avx2_all) and any("vfmadd" in ins for ins in avx2_all)
+        assert sum(map(is_avx, avx2_all)) > 100
 
 
 @needs_objdump
