@@ -40,6 +40,25 @@ def build_mlp(sizes, acts, dtype, bias=True, seed=0) -> fastbp.Sequential:
     return fastbp.Sequential(*layers)
 
 
+def training_result(model, losses) -> tuple[dict, list, list]:
+    """A trained model's weights and gradients (copies) and its losses, for assert_same_training:
+    the fused-path tests train the same model with and without a fusion."""
+    state = {k: v.copy() for k, v in model.state_dict().items()}
+    return state, [p.grad.copy() for p in model.parameters()], list(losses)
+
+
+def assert_same_training(a, b) -> None:
+    """Two training_result()s are bitwise equal: weights, gradients and losses."""
+    state_a, grads_a, loss_a = a
+    state_b, grads_b, loss_b = b
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key, strict=True)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        np.testing.assert_array_equal(ga, gb, strict=True)
+    assert loss_a == loss_b
+
+
 @contextlib.contextmanager
 def switched(setter, on: bool):
     """Run the block with one of _core's testing switches (``_set_small_step``,

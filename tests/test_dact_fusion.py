@@ -17,7 +17,7 @@ import pytest
 import fastbp
 from fastbp import _core
 
-from .conftest import build_mlp, switched, using_threads
+from .conftest import assert_same_training, build_mlp, switched, training_result, using_threads
 
 
 def dact_fusion(on: bool):
@@ -39,19 +39,7 @@ def fit_state(on, sizes, act, dtype, batch_size, n, bias=True, threads=1):
         history = model.fit(
             X, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=batch_size, seed=3
         )
-    state = {k: v.copy() for k, v in model.state_dict().items()}
-    grads = [p.grad.copy() for p in model.parameters()]
-    return state, grads, history.history["loss"]
-
-
-def assert_same(a, b):
-    state_a, grads_a, loss_a = a
-    state_b, grads_b, loss_b = b
-    for key in state_a:
-        np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key, strict=True)
-    for ga, gb in zip(grads_a, grads_b, strict=True):
-        np.testing.assert_array_equal(ga, gb, strict=True)
-    assert loss_a == loss_b
+    return training_result(model, history.history["loss"])
 
 
 # (sizes, batch size, rows): the dX product of layer i is batch x sizes[i] x sizes[i + 1]
@@ -70,7 +58,7 @@ NETS = [
 def test_fused_epilogue_matches_the_two_kernels(isa, dtype, act, sizes, batch_size, n):
     fused = fit_state(True, sizes, act, dtype, batch_size, n)
     plain = fit_state(False, sizes, act, dtype, batch_size, n)
-    assert_same(fused, plain)
+    assert_same_training(fused, plain)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -81,9 +69,9 @@ def test_threads_and_bias(dtype, bias, threads):
     sizes, batch_size, n = (64, 256, 128, 10), 128, 256  # W3's shape, scaled down
     fused = fit_state(True, sizes, "relu", dtype, batch_size, n, bias=bias, threads=threads)
     plain = fit_state(False, sizes, "relu", dtype, batch_size, n, bias=bias, threads=threads)
-    assert_same(fused, plain)
+    assert_same_training(fused, plain)
     if threads == 2:
-        assert_same(fused, fit_state(True, sizes, "relu", dtype, batch_size, n, bias=bias))
+        assert_same_training(fused, fit_state(True, sizes, "relu", dtype, batch_size, n, bias=bias))
 
 
 def test_accumulating_backward(dtype):

@@ -27,7 +27,7 @@ import pytest
 import fastbp
 from fastbp import _core
 
-from .conftest import build_mlp, switched, using_threads
+from .conftest import assert_same_training, build_mlp, switched, training_result, using_threads
 
 
 def update_fusion(on: bool):
@@ -46,20 +46,7 @@ def fit_state(on, model_fn, dtype, batch_size, n, *, weight_decay=0.0, threads=1
         history = model.fit(
             X, y, loss="cross_entropy", optimizer=opt, epochs=epochs, batch_size=batch_size, seed=3
         )
-    state = {k: v.copy() for k, v in model.state_dict().items()}
-    grads = [p.grad.copy() for p in model.parameters()]
-    return state, grads, history.history["loss"]
-
-
-def assert_same(a, b):
-    state_a, grads_a, loss_a = a
-    state_b, grads_b, loss_b = b
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key, strict=True)
-    for ga, gb in zip(grads_a, grads_b, strict=True):
-        np.testing.assert_array_equal(ga, gb, strict=True)
-    assert loss_a == loss_b
+    return training_result(model, history.history["loss"])
 
 
 def mlp(sizes, act="relu", bias=True):
@@ -88,7 +75,7 @@ NETS = [
 def test_fused_update_matches_the_update_pass(isa, dtype, model_fn, batch_size, n, weight_decay):
     fused = fit_state(True, model_fn, dtype, batch_size, n, weight_decay=weight_decay)
     plain = fit_state(False, model_fn, dtype, batch_size, n, weight_decay=weight_decay)
-    assert_same(fused, plain)
+    assert_same_training(fused, plain)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -97,9 +84,9 @@ def test_threads(dtype, threads):
     block it computed: the same bits as one thread and as the update pass."""
     model_fn, batch_size, n = mlp((64, 256, 128, 10)), 128, 384  # W3's shape, scaled down
     fused = fit_state(True, model_fn, dtype, batch_size, n, threads=threads)
-    assert_same(fused, fit_state(False, model_fn, dtype, batch_size, n, threads=threads))
+    assert_same_training(fused, fit_state(False, model_fn, dtype, batch_size, n, threads=threads))
     if threads == 2:
-        assert_same(fused, fit_state(True, model_fn, dtype, batch_size, n))
+        assert_same_training(fused, fit_state(True, model_fn, dtype, batch_size, n))
 
 
 def test_other_layers_keep_their_updates(dtype):
@@ -120,7 +107,7 @@ def test_other_layers_keep_their_updates(dtype):
 
     build.sizes = (12, 3)
     fused = fit_state(True, build, dtype, 32, 160, weight_decay=1e-3)
-    assert_same(fused, fit_state(False, build, dtype, 32, 160, weight_decay=1e-3))
+    assert_same_training(fused, fit_state(False, build, dtype, 32, 160, weight_decay=1e-3))
     before = build(dtype).state_dict()
     assert not np.array_equal(fused[0]["1.weight"], before["1.weight"])  # BatchNorm trained
 
@@ -146,13 +133,9 @@ def test_train_step_and_changing_threads(dtype):
                             losses.append(step.result())
                     else:
                         losses.append(model.train_step(x, y, "cross_entropy", opt))
-        return (
-            {k: v.copy() for k, v in model.state_dict().items()},
-            [p.grad.copy() for p in model.parameters()],
-            losses,
-        )
+        return training_result(model, losses)
 
-    assert_same(steps(True), steps(False))
+    assert_same_training(steps(True), steps(False))
 
 
 @pytest.mark.parametrize(
