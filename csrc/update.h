@@ -1,11 +1,12 @@
 /* The optimizer updates of one range of a flat buffer, in torch.optim's operation order:
- * shared by the optimizer kernels (optim.c) and the fused small-network step (small.c), so both
- * apply the same arithmetic. Per-dtype helpers without an include guard: a family includes this
- * in each dtype pass (see pointwise.h), after <tgmath.h> so that sqrt is sqrtf for float. */
+ * shared by the optimizer kernels (optim.c), the fused small-network step (small.c) and the
+ * GEMM's SGD epilogue (gemm.c), so all apply the same arithmetic. Per-dtype helpers without an
+ * include guard: a family includes this in each dtype pass (see pointwise.h), after <tgmath.h> so
+ * that sqrt is sqrtf for float. */
 
-/* The *_body helpers run in the caller's floating-point mode; the *_range ones set the flush
- * mode around them (see optim.c's file comment). The GEMM's fused update (gemm.c) calls the
- * bodies row by row inside one mode switch, so every path applies the same code to each element. */
+/* sgd_body runs in the caller's floating-point mode, sgd_range sets the flush mode around it
+ * (see optim.c's file comment): the GEMM's fused update (gemm.c) calls the body row by row inside
+ * one mode switch, so every path applies the same code to each element. */
 static inline void LFN(sgd_body)(REAL *restrict p, REAL *restrict buf, const REAL *restrict g,
                                  int64_t n, REAL lr, REAL mom, REAL keep, REAL wd, int nesterov,
                                  int first) {
@@ -66,10 +67,11 @@ static inline LFN(adam_coefs)
     return c;
 }
 
-static inline void LFN(adam_body)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
-                                  const REAL *restrict g, int64_t n, const LFN(adam_coefs) * c) {
+static inline void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
+                                   const REAL *restrict g, int64_t n, const LFN(adam_coefs) * c) {
     const REAL w1 = c->w1, b2 = c->b2, w2 = c->w2, eps = c->eps, wd = c->wd, decay = c->decay;
     const REAL step_size = c->step_size, bc2_sqrt = c->bc2_sqrt;
+    const unsigned fp_mode = fbp_fp_flush_enter(); /* see optim.c's file comment */
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         REAL pi = p[i] * decay; /* AdamW's decoupled decay; decay == 1 for Adam */
@@ -81,11 +83,5 @@ static inline void LFN(adam_body)(REAL *restrict p, REAL *restrict m, REAL *rest
         v[i] = vi;
         p[i] = pi - step_size * (mi / denom);
     }
-}
-
-static inline void LFN(adam_range)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
-                                   const REAL *restrict g, int64_t n, const LFN(adam_coefs) * c) {
-    const unsigned fp_mode = fbp_fp_flush_enter();
-    LFN(adam_body)(p, m, v, g, n, c);
     fbp_fp_restore(fp_mode);
 }
