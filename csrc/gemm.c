@@ -34,7 +34,17 @@ enum {
     GEMM_KC_f32 = 384,
     GEMM_NC_f32 = 1024
 };
-enum { GEMM_MR_f64 = 12, GEMM_NV_f64 = 2, GEMM_MC_f64 = 240, GEMM_KC_f64 = 256, GEMM_NC_f64 = 512 };
+/* float64: the same bytes as float32's (an 18 KiB A sliver, a 1.5 MB B panel), so half the K
+ * depth. It was KC 256 x NC 512 (1 MB): 1024^3 81-87 -> 88-95 GFLOP/s, 256 x 1024 x 1024
+ * 78-84 -> 85-94 over interleaved rounds; a product of k in (192, 256] now takes two K blocks
+ * (128 x 128 x 256: 114 -> 109). */
+enum {
+    GEMM_MR_f64 = 12,
+    GEMM_NV_f64 = 2,
+    GEMM_MC_f64 = 240,
+    GEMM_KC_f64 = 192,
+    GEMM_NC_f64 = 1024
+};
 #elif defined(FBP_BUILD_AVX2)
 /* 16 ymm registers: 6 x 2 accumulators + 2 B vectors + 1 broadcast. The B sliver (KC x 16, 24 KiB)
  * stays in L1 while A slivers stream from the L2-resident A block. */
