@@ -200,15 +200,11 @@ def test_epoch_loss_does_not_depend_on_how_the_epoch_is_split_into_c_calls(
         T[13] = 1e300  # its batch's squared error overflows
         loss, sizes, dtype = "mse", [4, 32, 2], np.float64
     else:
-        (X, T), loss, sizes, dtype = (
-            classification_data(200),
-            "cross_entropy",
-            [8, 32, 3],
-            np.float32,
-        )
+        X, T = classification_data(200)
+        loss, sizes, dtype = "cross_entropy", [8, 32, 3], np.float32
     histories = []
     for chunk in (1, 3, 29):  # batches per call into C (29: the whole epoch)
-        monkeypatch.setattr(type(fastbp.MLP([2, 1])), "_first_chunk", lambda self, *a, c=chunk: c)
+        monkeypatch.setattr(_model.Sequential, "_first_chunk", lambda self, *a, c=chunk: c)
         model = fastbp.MLP(sizes, seed=0, dtype=dtype)
         opt = optim.SGD(model.parameters(), lr=0.01)
         hist = model.fit(
@@ -216,6 +212,7 @@ def test_epoch_loss_does_not_depend_on_how_the_epoch_is_split_into_c_calls(
             callbacks=[lambda epoch, logs: None], stop_on_nonfinite=not skip_nonfinite,
         )  # fmt: skip
         assert all(math.isfinite(v) for v in hist["loss"])
+        assert hist.history.get("skipped_batches", [0] * 3) == [int(skip_nonfinite)] * 3
         histories.append(hist["loss"])
     assert histories[0] == histories[1] == histories[2]
 
