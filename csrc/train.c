@@ -16,6 +16,15 @@
 /* Bytes of batch rows per thread before the gather is split. */
 #define GATHER_THREAD_GRAIN (1 << 17)
 
+/* What a step's products depend on for their threads' scratch: its batch rows, the calling
+ * thread (whose OpenMP pool runs them), the thread count and the ISA (see update_fusable). */
+typedef struct {
+    int64_t rows; /* -1: no step yet */
+    pthread_t caller;
+    int threads;
+    fbp_isa isa;
+} step_key;
+
 struct fbp_plan {
     fbp_dtype dtype;
     int32_t n_ops;
@@ -48,13 +57,10 @@ struct fbp_plan {
 
     /* The update in the weight-gradient products (fbp_gemm_sgd): the Linear weights' ranges
      * of the flat buffer in ascending order, n_fused of them (0 when two overlap), and what the
-     * last step ran with, whose products sized its threads' scratch (see update_fusable). */
+     * last successful step ran with, whose products sized its threads' scratch. */
     int64_t *fused_at, *fused_len;
     int32_t n_fused;
-    int64_t warm_rows; /* -1: no step yet */
-    pthread_t warm_caller;
-    int warm_threads;
-    fbp_isa warm_isa;
+    step_key last_step;
 };
 
 static int small_step_enabled = 1;
@@ -81,19 +87,12 @@ void fbp_set_update_fusion(int on) {
  * product failing there would leave some layers updated; a product fails only when a thread's
  * scratch cannot grow, and scratch only grows, so a step that repeats the last one's products
  * on the same threads needs no more. */
-static int update_fusable(const fbp_plan *plan, const fbp_optimizer *opt, int64_t rows) {
+static int update_fusable(const fbp_plan *plan, const fbp_optimizer *opt, const step_key *step) {
+    const step_key *last = &plan->last_step;
     return plan->n_fused > 0 && opt->kind == FBP_OPT_SGD && opt->momentum == 0 &&
-           __atomic_load_n(&update_fusion_enabled, __ATOMIC_RELAXED) && plan->warm_rows == rows &&
-           pthread_equal(plan->warm_caller, pthread_self()) &&
-           plan->warm_threads == fbp_get_num_threads() && plan->warm_isa == fbp_active_isa();
-}
-
-/* Records the step that just ran, for update_fusable. */
-static void warm_step(fbp_plan *plan, int64_t rows) {
-    plan->warm_rows = rows;
-    plan->warm_caller = pthread_self();
-    plan->warm_threads = fbp_get_num_threads();
-    plan->warm_isa = fbp_active_isa();
+           __atomic_load_n(&update_fusion_enabled, __ATOMIC_RELAXED) && last->rows == step->rows &&
+           pthread_equal(last->caller, step->caller) && last->threads == step->threads &&
+           last->isa == step->isa;
 }
 
 static size_t dtype_size(fbp_dtype dtype) {
@@ -254,7 +253,7 @@ fbp_status fbp_plan_create(fbp_plan **out, fbp_dtype dtype, const fbp_op *ops, i
     }
     for (int32_t i = 1; i < plan->n_fused; i++)
         if (plan->fused_at[i] < plan->fused_at[i - 1] + plan->fused_len[i - 1]) plan->n_fused = 0;
-    plan->warm_rows = -1;
+    plan->last_step.rows = -1;
     *out = plan;
     return FBP_OK;
 }
@@ -817,11 +816,12 @@ static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss
         const fbp_small_net net = TFN(small_net)(plan);
         return TFN(small_step)(plan, &net, loss, rows, kind, opt);
     }
-    const int fused = update_fusable(plan, opt, rows);
+    const step_key step = {rows, pthread_self(), fbp_get_num_threads(), fbp_active_isa()};
+    const int fused = update_fusable(plan, opt, &step);
     fbp_status st =
         TFN(compute_gradients)(plan, loss, rows, kind, 1.0, NULL, NULL, fused ? opt : NULL);
     if (st == FBP_OK) {
-        warm_step(plan, rows);
+        plan->last_step = step;
         st = fused ? TFN(update_rest)(plan, opt) : TFN(update)(plan, opt);
     }
     return st;
