@@ -171,6 +171,27 @@ void fbp_plan_set_seed(fbp_plan *plan, uint64_t seed);
 int64_t fbp_plan_batchnorm_batches(const fbp_plan *plan, int32_t op);
 void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n);
 
+/* Where a plan's time goes: wall-clock seconds, summed over every call since profiling was
+ * turned on, per op and phase (FBP_PROFILE_* columns of op_seconds) and for the per-step work
+ * outside the ops. Off by default; while on, each op reads the clock once or twice (~20 ns a
+ * read), which changes no result. A Linear's weight-gradient column holds its activation
+ * backward, weight and bias gradients and the SGD update fused into them; its input-gradient
+ * column the input-gradient product (with the layer below's activation backward when fused).
+ * Other ops' backward counts as input gradient. A network small enough for the fused step
+ * (fbp_plan_small_step_applies) trains in one kernel, timed whole in `fused_steps`. */
+enum { FBP_PROFILE_FORWARD, FBP_PROFILE_GRAD_INPUT, FBP_PROFILE_GRAD_WEIGHTS, FBP_PROFILE_COLUMNS };
+typedef struct {
+    double loss;        /* the training loss and its gradient, in steps */
+    double update;      /* the optimizer pass after the backward */
+    double batches;     /* train_batches' per-batch copies and label checks */
+    double fused_steps; /* whole fused small-network steps */
+    int64_t forwards, backwards, losses, updates, batch_count, fused_step_count;
+} fbp_profile_totals;
+/* on: zero the counters and start; off: stop, keeping them. */
+void fbp_plan_set_profiling(fbp_plan *plan, int on);
+/* op_seconds: n_ops x FBP_PROFILE_COLUMNS, row-major. */
+void fbp_plan_read_profile(const fbp_plan *plan, double *op_seconds, fbp_profile_totals *totals);
+
 /* Forward pass on x (batch, in). Keeps what backward needs; out (batch, out) may be NULL. */
 fbp_status fbp_plan_forward(fbp_plan *plan, void *out, const void *x, int64_t batch, int training);
 /* Backward from dL/dout (batch, out) of the last training forward: gradients accumulate into

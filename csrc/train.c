@@ -61,6 +61,11 @@ struct fbp_plan {
     int64_t *fused_at, *fused_len;
     int32_t n_fused;
     step_key last_step;
+
+    /* fbp_plan_set_profiling: n_ops x FBP_PROFILE_COLUMNS seconds, and the rest */
+    int profiling;
+    double *op_seconds;
+    fbp_profile_totals profile;
 };
 
 static int small_step_enabled = 1;
@@ -218,8 +223,9 @@ fbp_status fbp_plan_create(fbp_plan **out, fbp_dtype dtype, const fbp_op *ops, i
     plan->bn_batches = calloc((size_t)n_ops, sizeof *plan->bn_batches);
     plan->fused_at = malloc((size_t)n_ops * sizeof *plan->fused_at);
     plan->fused_len = malloc((size_t)n_ops * sizeof *plan->fused_len);
+    plan->op_seconds = calloc((size_t)n_ops * FBP_PROFILE_COLUMNS, sizeof *plan->op_seconds);
     if (!plan->ops || !plan->outs || !plan->masks || !plan->bn_stats || !plan->cur_out ||
-        !plan->bn_batches || !plan->fused_at || !plan->fused_len) {
+        !plan->bn_batches || !plan->fused_at || !plan->fused_len || !plan->op_seconds) {
         fbp_plan_destroy(plan);
         return FBP_ERR_NOMEM;
     }
@@ -269,7 +275,49 @@ void fbp_plan_destroy(fbp_plan *plan) {
     free(plan->bn_batches);
     free(plan->fused_at);
     free(plan->fused_len);
+    free(plan->op_seconds);
     free(plan);
+}
+
+void fbp_plan_set_profiling(fbp_plan *plan, int on) {
+    if (on) {
+        memset(plan->op_seconds, 0,
+               (size_t)plan->n_ops * FBP_PROFILE_COLUMNS * sizeof *plan->op_seconds);
+        memset(&plan->profile, 0, sizeof plan->profile);
+    }
+    plan->profiling = on != 0;
+}
+
+void fbp_plan_read_profile(const fbp_plan *plan, double *op_seconds, fbp_profile_totals *totals) {
+    if (op_seconds)
+        memcpy(op_seconds, plan->op_seconds,
+               (size_t)plan->n_ops * FBP_PROFILE_COLUMNS * sizeof *op_seconds);
+    if (totals) *totals = plan->profile;
+}
+
+/* The profile's clock: a lap adds the time since *t to *seconds and restarts *t. Both do
+ * nothing while profiling is off, so an unprofiled step pays one predictable branch per op. */
+static inline double profile_start(const fbp_plan *plan) {
+    return plan->profiling ? omp_get_wtime() : 0;
+}
+
+static inline void profile_lap(const fbp_plan *plan, double *seconds, double *t) {
+    if (!plan->profiling) return;
+    const double now = omp_get_wtime();
+    *seconds += now - *t;
+    *t = now;
+}
+
+/* Counts an optimizer update in the profile. */
+static void profile_update(fbp_plan *plan, double since) {
+    if (!plan->profiling) return;
+    profile_lap(plan, &plan->profile.update, &since);
+    plan->profile.updates++;
+}
+
+/* Where op i's time in phase `column` adds up. */
+static inline double *op_slot(fbp_plan *plan, int32_t i, int column) {
+    return &plan->op_seconds[(size_t)i * FBP_PROFILE_COLUMNS + (size_t)column];
 }
 
 void fbp_plan_bind(fbp_plan *plan, void *params, void *grads, void *buffers) {
@@ -576,6 +624,7 @@ static void TFN(batchnorm_backward)(const fbp_plan *plan, int32_t i, REAL *g, co
 /* Forward from plan->batch (rows x in). */
 static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
     const REAL *params = plan->params;
+    double t = profile_start(plan);
     for (int32_t i = 0; i < plan->n_ops; i++) {
         const fbp_op *op = &plan->ops[i];
         const REAL *x = TFN(op_input)(plan, i);
@@ -618,9 +667,11 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
         }
         if (st != FBP_OK) return st;
         plan->cur_out[i] = y;
+        profile_lap(plan, op_slot(plan, i, FBP_PROFILE_FORWARD), &t);
     }
     plan->last_batch = rows;
     plan->last_training = training;
+    if (plan->profiling) plan->profile.forwards++;
     return FBP_OK;
 }
 
@@ -643,6 +694,7 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
     int dz_ready = 0; /* g already holds this op's dZ (and its bias gradient is done) */
     for (int32_t i = plan->n_ops - 1; i >= 0; i--) {
         const fbp_op *op = &plan->ops[i];
+        double since = profile_start(plan);
         const REAL *x = TFN(op_input)(plan, i);
         const REAL *y = plan->cur_out[i];
         const int64_t in = op->in_features, out = op->out_features;
@@ -661,6 +713,7 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
                                   1, accumulate ? 1 : 0, FBP_ACT_IDENTITY);
             /* dW and db are final: their reduction can overlap the dX product below */
             if (st == FBP_OK && grads_ready && grads_ready(ctx, i)) return FBP_ERR_INTERRUPTED;
+            profile_lap(plan, op_slot(plan, i, FBP_PROFILE_GRAD_WEIGHTS), &since);
             if (st == FBP_OK && need_dx) {
                 const fbp_op *below = i > 0 ? &plan->ops[i - 1] : NULL;
                 if (fuse && below && below->kind == FBP_OP_LINEAR) {
@@ -674,10 +727,12 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
                                       in, 1, in, 1, 0, FBP_ACT_IDENTITY);
                 }
             }
+            if (need_dx) profile_lap(plan, op_slot(plan, i, FBP_PROFILE_GRAD_INPUT), &since);
             /* after dX, which reads the weights the update changes */
             if (st == FBP_OK && fused)
                 st = KERNEL(gemm_sgd)(grads + op->weight, g, x, out, in, rows, 1, out, in, 1,
                                       params + op->weight, fused->lr, fused->weight_decay);
+            profile_lap(plan, op_slot(plan, i, FBP_PROFILE_GRAD_WEIGHTS), &since);
             if (st == FBP_OK && need_dx) {
                 REAL *t = g;
                 g = spare;
@@ -701,8 +756,11 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
             break;
         }
         if (st != FBP_OK) return st;
+        if (op->kind != FBP_OP_LINEAR)
+            profile_lap(plan, op_slot(plan, i, FBP_PROFILE_GRAD_INPUT), &since);
     }
     if (dx) memcpy(dx, g, (size_t)(rows * plan->in_features) * sizeof(REAL));
+    if (plan->profiling) plan->profile.backwards++;
     return FBP_OK;
 }
 
@@ -743,14 +801,17 @@ static fbp_status TFN(update_range)(fbp_plan *plan, const fbp_optimizer *opt, in
 }
 
 static fbp_status TFN(update)(fbp_plan *plan, fbp_optimizer *opt) {
+    const double since = profile_start(plan);
     const fbp_status st = TFN(update_range)(plan, opt, 0, plan->n_params);
     if (st == FBP_OK) opt->step++;
+    profile_update(plan, since);
     return st;
 }
 
 /* The update of what the weight-gradient products did not update: the gaps between the Linear
  * weights (biases, BatchNorm's parameters). */
 static fbp_status TFN(update_rest)(fbp_plan *plan, fbp_optimizer *opt) {
+    const double since = profile_start(plan);
     int64_t at = 0;
     for (int32_t f = 0; f <= plan->n_fused; f++) {
         const int64_t end = f < plan->n_fused ? plan->fused_at[f] : plan->n_params;
@@ -761,6 +822,7 @@ static fbp_status TFN(update_rest)(fbp_plan *plan, fbp_optimizer *opt) {
         if (f < plan->n_fused) at = plan->fused_at[f] + plan->fused_len[f];
     }
     opt->step++;
+    profile_update(plan, since);
     return FBP_OK;
 }
 
@@ -775,7 +837,12 @@ static fbp_small_net TFN(small_net)(const fbp_plan *plan) {
 /* The fused step; opt NULL: gradients only. Leaves the plan as forward and backward would. */
 static fbp_status TFN(small_step)(fbp_plan *plan, const fbp_small_net *net, double *loss,
                                   int64_t rows, fbp_loss kind, fbp_optimizer *opt) {
+    double since = profile_start(plan);
     const fbp_status st = KERNEL(small_step)(net, loss, rows, kind, opt);
+    if (plan->profiling) {
+        profile_lap(plan, &plan->profile.fused_steps, &since);
+        plan->profile.fused_step_count++;
+    }
     for (int32_t i = 0; i < plan->n_ops; i++) plan->cur_out[i] = plan->outs[i];
     plan->last_batch = rows;
     plan->last_training = 1;
@@ -795,7 +862,12 @@ static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t r
         return TFN(small_step)(plan, &net, loss, rows, kind, NULL);
     }
     fbp_status st = TFN(forward)(plan, rows, 1);
+    double since = profile_start(plan);
     if (st == FBP_OK) st = TFN(loss)(plan, loss, plan->grad_a, plan->target, rows, kind);
+    if (plan->profiling) {
+        profile_lap(plan, &plan->profile.loss, &since);
+        plan->profile.losses++;
+    }
     if (st == FBP_OK && !isfinite(*loss)) st = FBP_ERR_NONFINITE; /* weights stay valid */
     if (st != FBP_OK) {
         memset(plan->grads, 0, (size_t)plan->n_params * sizeof(REAL));
@@ -918,6 +990,7 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
         if (start >= n) return FBP_ERR_INVALID;
         const int64_t rows = n - start < batch_size ? n - start : batch_size;
         const int64_t *idx = order + start;
+        double since = profile_start(plan);
         int consecutive = 1;
         for (int64_t r = 0; r < rows; r++) {
             if (idx[r] < 0 || idx[r] >= n) return FBP_ERR_INVALID;
@@ -947,6 +1020,10 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
             const int64_t *labels = plan->target;
             for (int64_t r = 0; r < rows; r++)
                 if (labels[r] < 0 || labels[r] >= plan->out_features) return FBP_ERR_INVALID;
+        }
+        if (plan->profiling) {
+            profile_lap(plan, &plan->profile.batches, &since);
+            plan->profile.batch_count++;
         }
         double loss = 0;
         net.input = plan->batch;

@@ -26,7 +26,7 @@ _select_isa_from_environment()
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_after_fork_in_child)
 
-from . import datasets, ops, optim  # noqa: E402
+from . import datasets, ops, optim, profiling  # noqa: E402
 from ._core import NonFiniteLossError  # noqa: E402
 from ._model import MLP, History, Sequential  # noqa: E402
 from ._random import manual_seed  # noqa: E402
@@ -76,6 +76,7 @@ __all__ = [
     "manual_seed",
     "ops",
     "optim",
+    "profiling",
     "save",
     "set_flush_denormal",
     "set_num_threads",

@@ -89,6 +89,13 @@ cdef extern from "fastbp.h" nogil:
         void *state2
     ctypedef struct fbp_plan:
         pass
+    enum:
+        FBP_PROFILE_COLUMNS
+    ctypedef struct fbp_profile_totals:
+        double loss, update, batches, fused_steps
+        int64_t forwards, backwards, losses, updates, batch_count, fused_step_count
+    void fbp_plan_set_profiling(fbp_plan *plan, int on)
+    void fbp_plan_read_profile(const fbp_plan *plan, double *op_seconds, fbp_profile_totals *totals)
     fbp_status fbp_plan_create(fbp_plan **plan, fbp_dtype dtype, const fbp_op *ops, int32_t n_ops, int64_t n_params, int64_t n_buffers)
     void fbp_plan_destroy(fbp_plan *plan)
     void fbp_plan_bind(fbp_plan *plan, void *params, void *grads, void *buffers)
@@ -551,6 +558,7 @@ cdef class Plan:
     cdef fbp_plan *plan
     cdef object params, grads, buffers
     cdef readonly int itemsize
+    cdef readonly int32_t n_ops
 
     def __cinit__(self):
         self.plan = NULL
@@ -580,6 +588,7 @@ cdef class Plan:
             raise ValueError("fastbp: inconsistent model plan (layer sizes or buffer offsets)")
         check(status, "Plan")
         self.itemsize = 8 if float64 else 4
+        self.n_ops = n
         self.params, self.grads, self.buffers = params, grads, buffers
         fbp_plan_bind(self.plan, data_ptr(params), data_ptr(grads),
                       data_ptr(buffers) if buffers.size else NULL)
@@ -595,6 +604,30 @@ cdef class Plan:
 
     def set_batchnorm_batches(self, int32_t op, int64_t n):
         fbp_plan_set_batchnorm_batches(self.plan, op, n)
+
+    def set_profiling(self, bint on):
+        """Start (zeroing the counters) or stop the plan's per-op clock."""
+        fbp_plan_set_profiling(self.plan, on)
+
+    def read_profile(self, double[:, ::1] seconds not None):
+        """Fills ``seconds`` (n_ops x 3: forward, input-gradient and weight-gradient seconds per
+        op) and returns the other times and the call counts."""
+        if seconds.shape[0] != self.n_ops or seconds.shape[1] != FBP_PROFILE_COLUMNS:
+            raise ValueError(f"seconds must have shape ({self.n_ops}, {FBP_PROFILE_COLUMNS})")
+        cdef fbp_profile_totals totals
+        fbp_plan_read_profile(self.plan, &seconds[0, 0], &totals)
+        return {
+            "loss": totals.loss,
+            "update": totals.update,
+            "batches": totals.batches,
+            "fused_steps": totals.fused_steps,
+            "forwards": totals.forwards,
+            "backwards": totals.backwards,
+            "losses": totals.losses,
+            "updates": totals.updates,
+            "batch_count": totals.batch_count,
+            "fused_step_count": totals.fused_step_count,
+        }
 
     def small_step_applies(self, int64_t batch):
         """Whether a training step on ``batch`` rows runs the fused small-network kernel."""
