@@ -51,12 +51,28 @@ def test_quick_report_writes_table_and_chart(tmp_path: pathlib.Path) -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1].endswith("s"), row  # fastbp's median time, e.g. "1.2 ms"
         assert "FAILED" not in row, row
+    # one more, profiled, fit per workload: per-op times for the big networks, whole fused
+    # steps for the tiny ones
+    assert "## Where fastbp's step goes" in table
+    assert "| W3-sgd, 1 thread | Linear(784, 256) + ReLU |" in table
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert {r["workload"] for r in results["rows"]} == set(QUICK)
     for row in results["rows"]:
         assert set(row["runs"]) == set(CONTENDERS)
         assert len(row["runs"]["fastbp"]["times"]) == 2
         assert row["runs"]["fastbp"]["time_vs_fastbp"] == pytest.approx(1.0)
+        profile = row["profile"]
+        assert profile["steps"] == row["steps"], row["workload"]
+        if row["workload"].startswith("W3"):
+            names = [op["name"] for op in profile["ops"]]
+            assert names == [
+                "Linear(784, 256) + ReLU",
+                "Linear(256, 128) + ReLU",
+                "Linear(128, 10)",
+            ]
+            assert all(op["forward_us"] > 0 and op["grad_weights_us"] > 0 for op in profile["ops"])
+        else:  # W1, W2: the fused small-network step
+            assert profile["fused_step_us"] > 0 and profile["ops"][0]["forward_us"] is None
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -31,6 +31,7 @@ from .workloads import (
     check,
     make_problem,
     prepare,
+    profile_fit,
     scaled,
     unavailable_reason,
 )
@@ -75,6 +76,9 @@ class BenchRow:
     description: str
     runs: dict[str, ContenderRun]
     load: dict[str, float | None]
+    #: fastbp fit's per-op times from one more, profiled, run (see _profile_row); None when
+    #: fastbp did not complete its rounds
+    profile: dict[str, object] | None = None
 
     @property
     def name(self) -> str:
@@ -210,6 +214,12 @@ def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> Bench
             if c == REFERENCE:  # nothing to check against: stop this workload
                 active.clear()
                 break
+    profile = None
+    if runs[REFERENCE].median is not None:
+        try:
+            profile = _profile_row(profile_fit(problem))
+        except Exception as exc:  # the report still has the timed rounds
+            log(f"    profile failed: {type(exc).__name__}: {exc}")
     row = BenchRow(
         workload=key,
         threads=threads,
@@ -220,6 +230,7 @@ def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> Bench
         description=workload.description,
         runs=runs,
         load=cpu_load(before, cpu_sample()),
+        profile=profile,
     )
     for c, run in runs.items():
         if run.median is not None:
@@ -228,6 +239,31 @@ def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> Bench
         elif run.error or run.skipped:
             log(f"    {c:<12} {run.error or 'skipped: ' + str(run.skipped)}")
     return row
+
+
+def _profile_row(prof) -> dict[str, object]:
+    """A Profile as plain data for the report: microseconds per pass of each op's phases."""
+
+    def us(seconds: float, calls: int) -> float | None:
+        return seconds / calls * 1e6 if calls else None
+
+    return {
+        "ops": [
+            {
+                "name": op.name,
+                "forward_us": us(op.forward, prof.forwards),
+                "grad_input_us": us(op.grad_input, prof.backwards),
+                "grad_weights_us": us(op.grad_weights, prof.backwards),
+            }
+            for op in prof.ops
+        ],
+        "loss_us": us(prof.loss, prof.losses),
+        "update_us": us(prof.update, prof.updates),
+        "batch_us": us(prof.batches, prof.batch_count),
+        "fused_step_us": us(prof.fused_steps, prof.fused_step_count),
+        "steps": prof.updates + prof.fused_step_count,
+        "total_s": prof.total,
+    }
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -246,6 +282,10 @@ def _cell(run: ContenderRun) -> str:
     if run.skipped:
         return "skipped"
     return _fmt_time(run.median) if run.median is not None else "-"
+
+
+def _us(value: float | None) -> str:
+    return "-" if not value else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
 
 
 def _frac(value: float | None) -> str:
@@ -335,6 +375,33 @@ def write_markdown(suite: Suite, path: pathlib.Path) -> None:
                     f"| {row.name} | {c} | {ch['loss']:.6g} | {g(ch['loss_rel'])} | "
                     f"{g(ch['param_max'])} | {g(ch['param_p99'])} |"
                 )
+    profiled = [row for row in suite.rows if row.profile]
+    if profiled:
+        lines += [
+            "",
+            "## Where fastbp's step goes",
+            "",
+            "`Sequential.profile` over one more `fit` of each workload (not a timed round): "
+            "µs per pass of each op of the C plan. A Linear's weight gradient includes its "
+            "activation backward and, with plain SGD, the update fused into the product; "
+            "networks small enough for the fused one-kernel step are timed per step whole.",
+            "",
+            "| benchmark | op | forward | input gradient | weight gradient |",
+            "|---|---|---|---|---|",
+        ]
+        for row in profiled:
+            p = row.profile
+            for op in p["ops"]:
+                if not (op["forward_us"] or op["grad_input_us"] or op["grad_weights_us"]):
+                    continue  # a fused small-network step has no per-op times
+                lines.append(
+                    f"| {row.name} | {op['name']} | {_us(op['forward_us'])} | "
+                    f"{_us(op['grad_input_us'])} | {_us(op['grad_weights_us'])} |"
+                )
+            rest = [("loss", p["loss_us"]), ("update pass", p["update_us"])]
+            rest += [("batch copy", p["batch_us"]), ("fused step", p["fused_step_us"])]
+            cells = ", ".join(f"{name} {_us(v)}" for name, v in rest if v)
+            lines.append(f"| {row.name} | per call: {cells} | | | |")
     lines += ["", "## Workloads", ""]
     seen = set()
     for row in suite.rows:

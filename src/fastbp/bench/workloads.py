@@ -56,6 +56,7 @@ __all__ = [
     "load_fashion_mnist",
     "make_problem",
     "prepare",
+    "profile_fit",
     "scaled",
     "step_flops",
     "unavailable_reason",
@@ -536,6 +537,20 @@ def _fastbp_setup(problem: Problem):
 
 
 def _prepare_fastbp_fit(problem: Problem) -> Callable[[], Result]:
+    return _fastbp_fit(problem)[1]
+
+
+def profile_fit(problem: Problem) -> fastbp.profiling.Profile:
+    """fastbp's ``fit`` on the workload once more, from the initial weights, under
+    :meth:`fastbp.Sequential.profile`: where its step's time goes (not one of the timed
+    rounds, which run unprofiled)."""
+    model, train = _fastbp_fit(problem)
+    with model.profile() as prof:
+        train()
+    return prof
+
+
+def _fastbp_fit(problem: Problem) -> tuple[fastbp.Sequential, Callable[[], Result]]:
     model, opt = _fastbp_setup(problem)
     w = problem.workload
 
@@ -554,7 +569,7 @@ def _prepare_fastbp_fit(problem: Problem) -> Callable[[], Result]:
             loss = history["loss"][-1]
         return Result(model.state_dict(), loss)
 
-    return train
+    return model, train
 
 
 def _prepare_fastbp_step(problem: Problem) -> Callable[[], Result]:
