@@ -432,3 +432,36 @@ def test_works_without_sklearn():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_epochs_do_not_rescan_checked_inputs(monkeypatch):
+    """The estimator checks X once; its one-epoch fit calls skip the model's NaN/inf scan of
+    that same array (a full read of X per epoch), while a direct fit still scans and refuses."""
+    import fastbp._model as model_module
+
+    scanned = []
+    real = model_module._all_finite
+    monkeypatch.setattr(model_module, "_all_finite", lambda a: scanned.append(a.shape) or real(a))
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 9)).astype(np.float32)
+    y = rng.integers(0, 3, 120)
+    for kwargs in ({}, {"early_stopping": True}):
+        scanned.clear()
+        clf = fastbp.MLPClassifier(hidden_layer_sizes=(40,), max_iter=3, random_state=0, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # max_iter reached
+            clf.fit(X, y)
+        assert clf.n_iter_ == 3
+        assert not [s for s in scanned if s[1] == 9], scanned
+        assert clf.model_._finite_arrays == ()  # only for the duration of each epoch
+        if not kwargs:  # partial_fit refuses early stopping
+            clf.partial_fit(X, y)
+            assert not [s for s in scanned if s[1] == 9], scanned
+    scanned.clear()
+    model = clf.model_
+    model.fit(X, y, loss="cross_entropy", epochs=1)
+    assert scanned.count((120, 9)) == 1
+    bad = X.copy()
+    bad[7, 3] = np.nan
+    with model._known_finite(X), pytest.raises(ValueError, match="NaN or infinity"):
+        model.fit(bad, y, loss="cross_entropy")  # another array: scanned

@@ -132,6 +132,7 @@ class Sequential(Module):
         self.seed(seed if seed is not None else int(default_generator().integers(2**63)))
         self._lock = threading.RLock()
         self._profiling = False
+        self._finite_arrays: tuple[np.ndarray, ...] = ()
         self._exclusive_lock = _ExclusiveLock(self._lock)
         # multiply-adds of one row through the Linear layers (fit's first chunk size)
         self._macs_per_row = sum(
@@ -763,9 +764,21 @@ class Sequential(Module):
                 f"{name} has {arr.shape[1]} features, the model expects {self.in_features}"
             )
         out = np.ascontiguousarray(arr, dtype=self.dtype)
-        if not _all_finite(out):
+        if not any(out is a for a in self._finite_arrays) and not _all_finite(out):
             raise ValueError(f"{name} contains NaN or infinity")
         return out
+
+    @contextlib.contextmanager
+    def _known_finite(self, *arrays: np.ndarray) -> Iterator[None]:
+        """fit skips its NaN/inf scan of these very arrays (the caller has checked them): the
+        scikit-learn estimators train one epoch per fit call, and each call scanned all of X
+        again (Fashion-MNIST's 188 MB: 13 ms at one thread, ~4% of a W3-sized epoch)."""
+        saved = self._finite_arrays
+        self._finite_arrays = saved + arrays
+        try:
+            yield
+        finally:
+            self._finite_arrays = saved
 
     def _run_epoch(
         self,

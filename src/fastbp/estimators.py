@@ -584,17 +584,18 @@ class _BaseMLP:
                 self._grad_scale() * float(self.alpha) / batch
             )
             self._batch = batch
-        history = self.model_.fit(
-            X,
-            Y,
-            loss=self._loss_name,
-            optimizer=self._optimizer,
-            epochs=1,
-            batch_size=batch,
-            shuffle=bool(self.shuffle),
-            seed=derive_seed(self._seed, 2, self._epochs_run),
-            **(dist.fit_kwargs() if dist is not None else {}),
-        )
+        with self.model_._known_finite(X):  # checked by _validate_X
+            history = self.model_.fit(
+                X,
+                Y,
+                loss=self._loss_name,
+                optimizer=self._optimizer,
+                epochs=1,
+                batch_size=batch,
+                shuffle=bool(self.shuffle),
+                seed=derive_seed(self._seed, 2, self._epochs_run),
+                **(dist.fit_kwargs() if dist is not None else {}),
+            )
         self._epochs_run += 1
         self.n_iter_ += 1
         self.t_ += X.shape[0]
@@ -952,7 +953,8 @@ class MLPClassifier(_BaseMLP):
         return self.classes_[np.argmax(self._logits(X), axis=1)]
 
     def _score_arrays(self, X: np.ndarray, y_encoded: np.ndarray) -> float:
-        logits = self.model_.predict(X, batch_size=4096)
+        with self.model_._known_finite(X):  # a part of the checked training X
+            logits = self.model_.predict(X, batch_size=4096)
         return float(np.mean(np.argmax(logits, axis=1) == y_encoded))
 
     def score(self, X: object, y: object, sample_weight: object = None) -> float:
@@ -1055,7 +1057,8 @@ class MLPRegressor(_BaseMLP):
         return out.ravel() if out.shape[1] == 1 else out
 
     def _score_arrays(self, X: np.ndarray, y_encoded: np.ndarray) -> float:
-        pred = self.model_.predict(X, batch_size=4096).astype(np.float64)
+        with self.model_._known_finite(X):  # a part of the checked training X
+            pred = self.model_.predict(X, batch_size=4096).astype(np.float64)
         return _r2_score(y_encoded.astype(np.float64), pred, None)
 
     def score(self, X: object, y: object, sample_weight: object = None) -> float:
