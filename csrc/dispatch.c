@@ -203,8 +203,9 @@ FBP_FORWARDERS(double, f64, active_f64)
     }                                                                                              \
     fbp_status fbp_gemm_sgd_##SFX(T *c, const T *a, const T *b, int64_t m, int64_t n, int64_t k,   \
                                   int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,          \
-                                  T *param, double lr, double weight_decay) {                      \
-        return TABLE->gemm_sgd(c, a, b, m, n, k, rs_a, cs_a, rs_b, cs_b, param, lr, weight_decay); \
+                                  T *param, double lr, double weight_decay, int keep_grad) {       \
+        return TABLE->gemm_sgd(c, a, b, m, n, k, rs_a, cs_a, rs_b, cs_b, param, lr, weight_decay,  \
+                               keep_grad);                                                         \
     }
 
 FBP_INTERNAL_FORWARDERS(float, f32, active_f32)

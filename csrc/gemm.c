@@ -137,22 +137,37 @@ FBP_INLINE VEC LFN(epilogue_dact)(REAL *dst, VEC acc, int64_t cnt, const REAL *y
 typedef struct {
     REAL *p; /* like C: p[i * ldc + j] */
     REAL lr, wd;
+    int keep; /* store the gradient in C; else C may be left as it was (see band) */
+    /* Without keep, the thread's MR x NC buffer that a one-K-block product's tiles go to instead
+     * of C, a sliver band at a time (GEMM_A_OUTER); NULL stores into C. W3's and W4's steps wrote
+     * 0.9 and 7 MB of gradients that nothing read: their weight-gradient products ran 2-5%
+     * faster without (interleaved fits, per-op profile). */
+    REAL *band;
 } LFN(sgd);
 
-/* Rows [i0, i1), columns [j0, j1) of C are final: update the weights there, row by row, in the
- * optimizer kernel's floating-point mode and with its per-element code. */
-static void LFN(sgd_block)(const LFN(sgd) * u, const REAL *c, int64_t ldc, int64_t i0, int64_t i1,
-                           int64_t j0, int64_t j1) {
+/* Rows [i0, i1), columns [j0, j1) of the gradient are final, row i0 of them at g (row stride
+ * ldg): update the weights there, row by row, in the optimizer kernel's floating-point mode and
+ * with its per-element code. */
+static void LFN(sgd_block)(const LFN(sgd) * u, const REAL *g, int64_t ldg, int64_t ldc, int64_t i0,
+                           int64_t i1, int64_t j0, int64_t j1) {
     const unsigned fp_mode = fbp_fp_flush_enter();
     for (int64_t i = i0; i < i1; i++)
-        LFN(sgd_body)(u->p + i * ldc + j0, NULL, c + i * ldc + j0, j1 - j0, u->lr, 0, 1, u->wd, 0,
+        LFN(sgd_body)(u->p + i * ldc + j0, NULL, g + (i - i0) * ldg, j1 - j0, u->lr, 0, 1, u->wd, 0,
                       0);
     fbp_fp_restore(fp_mode);
 }
 
-/* The same update for C + offset. */
-static inline LFN(sgd) LFN(sgd_offset)(const LFN(sgd) * u, int64_t offset) {
+/* The update as one thread runs it: its band in its scratch (band_bytes there; none when 0). */
+static inline LFN(sgd) LFN(sgd_band)(const LFN(sgd) * u, char *band, size_t band_bytes) {
     LFN(sgd) v = *u;
+    v.band = u->keep || band_bytes == 0 ? NULL : (REAL *)band;
+    return v;
+}
+
+/* The same for C + offset. */
+static inline LFN(sgd)
+    LFN(sgd_offset)(const LFN(sgd) * u, int64_t offset, char *band, size_t band_bytes) {
+    LFN(sgd) v = LFN(sgd_band)(u, band, band_bytes);
     v.p += offset;
     return v;
 }
@@ -627,6 +642,8 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
     const size_t a_row_bytes = (size_t)rs_a * sizeof(REAL);
     const int direct_a = GEMM_A_OUTER && cs_a == 1 && (a_row_bytes % 4096 != 0 || a_used_once) &&
                          a_row_bytes < 16384;
+    /* the gradient need not reach C: with one K block each tile is final when computed */
+    REAL *band = GEMM_A_OUTER && sgd && sgd->band && k <= kc_step ? sgd->band : NULL;
     {
         VEC acc[MR][NV];
         for (int64_t jc = 0; jc < n; jc += NC) {
@@ -684,9 +701,11 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                             const int64_t jr = GEMM_A_OUTER ? u : o;
                             const int64_t i = ic + ir * MR, rows = min_i64(MR, m - i);
                             const int64_t j = jc + jr * NR, cols = min_i64(NR, n - j);
+                            REAL *ct = band ? band + (j - jc) : c + i * ldc + j;
+                            const int64_t ldt = band ? NC : ldc;
                             /* The C tile is read (or written) right after the FMAs: fetch it
                              * now so the misses overlap the arithmetic. */
-                            for (int64_t r = 0; r < rows; r++) {
+                            for (int64_t r = 0; r < rows && !band; r++) {
                                 __builtin_prefetch(c + (i + r) * ldc + j, 1, 3);
                                 __builtin_prefetch(c + (i + r) * ldc + j + cols - 1, 1, 3);
                             }
@@ -707,25 +726,29 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                 continue;
                             }
                             if (rows == MR && cols == NR) {
-                                LFN(full_tile)(c + i * ldc + j, ldc, pa, a_rs, pb, ldb, kc, bias_j,
-                                               alpha, beta, first, last, act);
+                                LFN(full_tile)(ct, ldt, pa, a_rs, pb, ldb, kc, bias_j, alpha, beta,
+                                               first, last, act);
                                 continue;
                             }
                             if (a_in_place)
                                 LFN(edge_kernel)(acc, pa, rs_a, 1, pb, kc, ldb, MR, cols);
                             else
                                 LFN(edge_kernel)(acc, pa, 1, MR, pb, kc, ldb, rows, cols);
-                            LFN(store_tile)(c + i * ldc + j, ldc, rows, cols, acc, bias_j, alpha,
-                                            beta, first, last, act, dact, i, j);
+                            LFN(store_tile)(ct, ldt, rows, cols, acc, bias_j, alpha, beta, first,
+                                            last, act, dact, i, j);
                         }
                         /* GEMM_A_OUTER: this sliver's rows of the panel are final */
                         if (sgd && last && GEMM_A_OUTER) {
-                            const int64_t i0 = ic + o * MR;
-                            LFN(sgd_block)(sgd, c, ldc, i0, min_i64(i0 + MR, m), jc, jc + nc);
+                            const int64_t i0 = ic + o * MR, i1 = min_i64(i0 + MR, m);
+                            if (band)
+                                LFN(sgd_block)(sgd, band, NC, ldc, i0, i1, jc, jc + nc);
+                            else
+                                LFN(sgd_block)(sgd, c + i0 * ldc + jc, ldc, ldc, i0, i1, jc,
+                                               jc + nc);
                         }
                     }
                     if (sgd && last && !GEMM_A_OUTER)
-                        LFN(sgd_block)(sgd, c, ldc, ic, ic + mc, jc, jc + nc);
+                        LFN(sgd_block)(sgd, c + ic * ldc + jc, ldc, ldc, ic, ic + mc, jc, jc + nc);
                 }
             }
         }
@@ -741,8 +764,9 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
 static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const REAL *bias,
                                    int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,
                                    int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
-                                   fbp_activation act, size_t b_bytes, size_t a_bytes, int nthreads,
-                                   int fetch_a, const LFN(dact) * dact, const LFN(sgd) * sgd) {
+                                   fbp_activation act, size_t b_bytes, size_t a_bytes,
+                                   size_t band_bytes, int nthreads, int fetch_a,
+                                   const LFN(dact) * dact, const LFN(sgd) * sgd) {
     const int64_t col_parts = (n + NR - 1) / NR, row_parts = (m + MR - 1) / MR;
     /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
     const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
@@ -754,16 +778,19 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
     if (parts < nthreads) nthreads = (int)parts;
     if (nthreads <= 1) {
         /* No OpenMP region for one thread: even an if(0) region costs a trip through libgomp. */
-        char *scratch = fbp_scratch(b_bytes + a_bytes);
+        char *scratch = fbp_scratch(b_bytes + a_bytes + band_bytes);
         if (!scratch) return FBP_ERR_NOMEM;
+        LFN(sgd) my_sgd;
+        if (sgd) my_sgd = LFN(sgd_band)(sgd, scratch + b_bytes + a_bytes, band_bytes);
         LFN(gemm_blocked)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                          (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a, dact, sgd);
+                          (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a, dact,
+                          sgd ? &my_sgd : NULL);
         return FBP_OK;
     }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        char *scratch = fbp_scratch(b_bytes + a_bytes);
+        char *scratch = fbp_scratch(b_bytes + a_bytes + band_bytes);
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;
@@ -785,7 +812,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                     if (mine.dbias) mine.dbias += j0;
                 }
                 LFN(sgd) my_sgd; /* and of the parameters */
-                if (sgd) my_sgd = LFN(sgd_offset)(sgd, j0);
+                if (sgd) my_sgd = LFN(sgd_offset)(sgd, j0, scratch + b_bytes + a_bytes, band_bytes);
                 if (j1 > j0)
                     LFN(gemm_blocked)(c + j0, a, b + j0 * cs_b, bias ? bias + j0 : NULL, m, j1 - j0,
                                       k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa,
@@ -793,7 +820,9 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
             } else {
                 const int64_t i0 = lo * MR, i1 = min_i64(hi * MR, m);
                 LFN(sgd) my_sgd;
-                if (sgd) my_sgd = LFN(sgd_offset)(sgd, i0 * ldc);
+                if (sgd)
+                    my_sgd =
+                        LFN(sgd_offset)(sgd, i0 * ldc, scratch + b_bytes + a_bytes, band_bytes);
                 if (i1 > i0)
                     LFN(gemm_blocked)(c + i0 * ldc, a + i0 * rs_a, b, bias, i1 - i0, n, k, rs_a,
                                       cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa, fetch_a,
@@ -838,11 +867,11 @@ fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, c
 
 fbp_status KFN(gemm_sgd)(REAL *c, const REAL *a, const REAL *b, int64_t m, int64_t n, int64_t k,
                          int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, REAL *param,
-                         double lr, double weight_decay) {
+                         double lr, double weight_decay, int keep_grad) {
     if (m < 0 || n < 0 || k < 0) return FBP_ERR_INVALID;
     if (m == 0 || n == 0) return FBP_OK;
     if (!param) return FBP_ERR_INVALID;
-    const LFN(sgd) u = {param, (REAL)lr, (REAL)weight_decay};
+    const LFN(sgd) u = {param, (REAL)lr, (REAL)weight_decay, keep_grad != 0, NULL};
     return LFN(gemm_any)(c, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY,
                          NULL, &u);
 }
@@ -859,14 +888,14 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
             for (int64_t j = 0; j < n; j += VL)
                 LFN(epilogue)(c + i * ldc + j, V_(vbcast)(0), min_i64(VL, n - j),
                               bias ? bias + j : NULL, alpha, beta, 1, 1, act);
-        if (sgd) LFN(sgd_block)(sgd, c, ldc, 0, m, 0, n);
+        if (sgd) LFN(sgd_block)(sgd, c, ldc, ldc, 0, m, 0, n);
         return FBP_OK;
     }
     const double macs = (double)m * (double)n * (double)k;
     if (macs <= FBP_GEMM_DIRECT_MAX_MACS) { /* the packed path's fixed costs would dominate */
         LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
                          dact);
-        if (sgd) LFN(sgd_block)(sgd, c, ldc, 0, m, 0, n);
+        if (sgd) LFN(sgd_block)(sgd, c, ldc, ldc, 0, m, 0, n);
         return FBP_OK;
     }
     const int64_t kc_max = min_i64(LFN(balanced_kc)(k), k);
@@ -874,12 +903,16 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
         (size_t)round_up(kc_max * round_up(min_i64(NC, n), NR) * (int64_t)sizeof(REAL), FBP_ALIGN);
     const size_t a_bytes =
         (size_t)round_up(kc_max * round_up(min_i64(MC, m), MR) * (int64_t)sizeof(REAL), FBP_ALIGN);
+    /* the SGD epilogue's band (see LFN(sgd)), asked for by every product, so that a step whose
+     * products repeat the last step's never grows a thread's scratch (see train.c) */
+    const size_t band_bytes =
+        GEMM_A_OUTER ? (size_t)round_up((int64_t)(MR * NC) * (int64_t)sizeof(REAL), FBP_ALIGN) : 0;
     const int64_t work = macs > (double)INT64_MAX ? INT64_MAX : (int64_t)macs;
     const int nthreads = fbp_team_size(work, GEMM_THREAD_GRAIN_MACS);
     /* with more than one thread configured, the operands are often another core's output */
     const int fetch_a = fbp_get_num_threads() > 1;
     return LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                            b_bytes, a_bytes, nthreads, fetch_a, dact, sgd);
+                            b_bytes, a_bytes, band_bytes, nthreads, fetch_a, dact, sgd);
 }
 
 #undef FBP_LANES

@@ -47,7 +47,7 @@ typedef struct {
     fbp_status (*gemm_dact)(T *, T *, const T *, const T *, const T *, int64_t, int64_t, int64_t,  \
                             int64_t, int64_t, int64_t, int64_t, fbp_activation, int);              \
     fbp_status (*gemm_sgd)(T *, const T *, const T *, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                           int64_t, int64_t, T *, double, double);
+                           int64_t, int64_t, T *, double, double, int);
 
 typedef struct {
     FBP_TABLE_FIELDS(float)
@@ -86,14 +86,15 @@ fbp_status fbp_gemm_dact_f64(double *dz, double *dbias, const double *a, const d
 /* A weight gradient with plain SGD's update in its epilogue: c (m x n, dense) = A' @ B', then
  * param (m x n, dense like c) -= lr * (c + weight_decay * param), as fbp_sgd_step with momentum
  * 0 would over those m * n elements. The same bits as fbp_gemm followed by that update; each
- * block of c is applied as it becomes final, on the thread that computed it. Forwards to the
- * active ISA. */
+ * block of c is applied as it becomes final, on the thread that computed it. keep_grad 0: the
+ * caller has no use for the gradient, and c may be left partly or wholly as it was (the tiles of
+ * a product with k within one K block are not stored). Forwards to the active ISA. */
 fbp_status fbp_gemm_sgd_f32(float *c, const float *a, const float *b, int64_t m, int64_t n,
                             int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
-                            float *param, double lr, double weight_decay);
+                            float *param, double lr, double weight_decay, int keep_grad);
 fbp_status fbp_gemm_sgd_f64(double *c, const double *a, const double *b, int64_t m, int64_t n,
                             int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
-                            double *param, double lr, double weight_decay);
+                            double *param, double lr, double weight_decay, int keep_grad);
 
 /* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
  * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on

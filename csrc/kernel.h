@@ -20,7 +20,7 @@
                                  int64_t cs_b, fbp_activation act, int accumulate);                \
     fbp_status fbp_gemm_sgd_##S(T *c, const T *a, const T *b, int64_t m, int64_t n, int64_t k,     \
                                 int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, T *param,  \
-                                double lr, double weight_decay);                                   \
+                                double lr, double weight_decay, int keep_grad);                    \
     fbp_status fbp_small_step_##S(const fbp_small_net *net, double *loss, int64_t rows,            \
                                   fbp_loss kind, fbp_optimizer *opt);
 #define FBP_DECLARE_ISA_KERNELS(T, S) FBP_DECLARE_ISA_KERNELS_(T, S)

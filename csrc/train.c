@@ -680,10 +680,11 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
  * parameter belongs to an op, so none is left stale). Calls grads_ready (when not NULL) after
  * each op whose parameter gradients are then final. fused (not NULL only without accumulate
  * and grads_ready, see TFN(step)): the step's plain-SGD optimizer, applied to each Linear's
- * weights in their gradient's product (fbp_gemm_sgd). */
+ * weights in their gradient's product (fbp_gemm_sgd), which stores those weights' gradients
+ * only with keep_grads. */
 static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accumulate,
                                 fbp_grads_ready_fn grads_ready, void *ctx,
-                                const fbp_optimizer *fused) {
+                                const fbp_optimizer *fused, int keep_grads) {
     REAL *params = plan->params;
     REAL *grads = plan->grads;
     REAL *g = plan->grad_a, *spare = plan->grad_b;
@@ -731,7 +732,8 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
             /* after dX, which reads the weights the update changes */
             if (st == FBP_OK && fused)
                 st = KERNEL(gemm_sgd)(grads + op->weight, g, x, out, in, rows, 1, out, in, 1,
-                                      params + op->weight, fused->lr, fused->weight_decay);
+                                      params + op->weight, fused->lr, fused->weight_decay,
+                                      keep_grads);
             profile_lap(plan, op_slot(plan, i, FBP_PROFILE_GRAD_WEIGHTS), &since);
             if (st == FBP_OK && need_dx) {
                 REAL *t = g;
@@ -856,7 +858,7 @@ static fbp_status TFN(small_step)(fbp_plan *plan, const fbp_small_net *net, doub
  * no zeroing pass over them (a memset of the whole buffer: 22 us of a W3 step). */
 static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
                                          double grad_scale, fbp_grads_ready_fn grads_ready,
-                                         void *ctx, const fbp_optimizer *fused) {
+                                         void *ctx, const fbp_optimizer *fused, int keep_grads) {
     if (fbp_plan_small_step_applies(plan, rows) && !grads_ready && grad_scale == 1 && !fused) {
         const fbp_small_net net = TFN(small_net)(plan);
         return TFN(small_step)(plan, &net, loss, rows, kind, NULL);
@@ -878,12 +880,14 @@ static fbp_status TFN(compute_gradients)(fbp_plan *plan, double *loss, int64_t r
         const REAL s = (REAL)grad_scale;
         for (int64_t e = 0; e < rows * plan->out_features; e++) g[e] *= s;
     }
-    return TFN(backward)(plan, NULL, rows, 0, grads_ready, ctx, fused);
+    return TFN(backward)(plan, NULL, rows, 0, grads_ready, ctx, fused, keep_grads);
 }
 
-/* One step on the batch at plan->batch and plan->target. */
+/* One step on the batch at plan->batch and plan->target. last: no later step of the same call
+ * overwrites the gradients, so they must be stored (a fused step need not store its Linear
+ * weights' gradients otherwise; .grad after a call still holds its last step's). */
 static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss kind,
-                            fbp_optimizer *opt) {
+                            fbp_optimizer *opt, int last) {
     if (fbp_plan_small_step_applies(plan, rows)) {
         const fbp_small_net net = TFN(small_net)(plan);
         return TFN(small_step)(plan, &net, loss, rows, kind, opt);
@@ -891,7 +895,7 @@ static fbp_status TFN(step)(fbp_plan *plan, double *loss, int64_t rows, fbp_loss
     const step_key step = {rows, pthread_self(), fbp_get_num_threads(), fbp_active_isa()};
     const int fused = update_fusable(plan, opt, &step);
     fbp_status st =
-        TFN(compute_gradients)(plan, loss, rows, kind, 1.0, NULL, NULL, fused ? opt : NULL);
+        TFN(compute_gradients)(plan, loss, rows, kind, 1.0, NULL, NULL, fused ? opt : NULL, last);
     if (st == FBP_OK) {
         plan->last_step = step;
         st = fused ? TFN(update_rest)(plan, opt) : TFN(update)(plan, opt);
@@ -919,7 +923,7 @@ static fbp_status TFN(forward_public)(fbp_plan *plan, void *out, const void *x, 
 
 static fbp_status TFN(backward_public)(fbp_plan *plan, void *dx, const void *dy, int64_t rows) {
     memcpy(plan->grad_a, dy, (size_t)(rows * plan->out_features) * sizeof(REAL));
-    return TFN(backward)(plan, dx, rows, 1, NULL, NULL, NULL);
+    return TFN(backward)(plan, dx, rows, 1, NULL, NULL, NULL, 1);
 }
 
 static fbp_status TFN(loss_public)(fbp_plan *plan, double *loss, void *dout, const void *target,
@@ -940,7 +944,7 @@ static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const voi
     memcpy(plan->input, x, (size_t)(rows * plan->in_features) * sizeof(REAL));
     plan->batch = plan->input;
     memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));
-    return TFN(step)(plan, loss, rows, kind, opt);
+    return TFN(step)(plan, loss, rows, kind, opt, 1);
 }
 
 static fbp_status TFN(compute_gradients_public)(fbp_plan *plan, double *loss, const void *x,
@@ -959,7 +963,7 @@ static fbp_status TFN(compute_gradients_public)(fbp_plan *plan, double *loss, co
     plan->batch = plan->input;
     memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));
     plan->row_offset = row_offset;
-    st = TFN(compute_gradients)(plan, loss, rows, kind, grad_scale, grads_ready, ctx, NULL);
+    st = TFN(compute_gradients)(plan, loss, rows, kind, grad_scale, grads_ready, ctx, NULL, 1);
     plan->row_offset = 0;
     return st;
 }
@@ -1028,7 +1032,7 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
         double loss = 0;
         net.input = plan->batch;
         st = small ? TFN(small_step)(plan, &net, &loss, rows, kind, opt)
-                   : TFN(step)(plan, &loss, rows, kind, opt);
+                   : TFN(step)(plan, &loss, rows, kind, opt, b == first + count - 1);
         if (st == FBP_ERR_NONFINITE) *bad_batch = b;
         if (st != FBP_OK) return st;
         *loss_sum += loss * (double)rows;
