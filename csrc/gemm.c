@@ -63,8 +63,10 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
  * ahead: W4's and 1024^3 products another 0.5-1.5% (three interleaved rounds), W3's level; 4
  * rows lost 1%, 24 matched 16. */
 #define GEMM_PREFETCH_ROWS 16
-/* The shallowest product fbp_gemm_dact fuses the activation backward into (see there). */
+/* The shallowest product fbp_gemm_dact fuses the activation backward into, unless dZ is at
+ * least GEMM_DACT_SHALLOW_BYTES (see there). */
 #define GEMM_DACT_MIN_K 32
+#define GEMM_DACT_SHALLOW_BYTES (512 * 1024)
 /* A thread is worth starting for this many multiply-adds (~5 us of one core's work). */
 #define GEMM_THREAD_GRAIN_MACS (1 << 19)
 
@@ -851,8 +853,13 @@ fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, c
     if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
     /* A shallow product (a 10-class layer's, k = 10) is too short to hide the epilogue's extra
      * loads: at 2 threads W3's 128 x 128 x 10 input gradient took 11-12 us fused against 10
-     * for the two kernels in turn. Those run in turn, as does an empty product. */
-    if (m == 0 || n == 0 || k < GEMM_DACT_MIN_K) {
+     * for the two kernels in turn. Those run in turn, as does an empty product, unless dZ is so
+     * large that the second kernel's pass over it leaves L2: W4's 256 x 1024 x 10 (1 MB of dZ)
+     * took 70 us fused against 113 at one thread, 89 against 103 at two (interleaved fits).
+     * Nothing between those two sizes was measured. */
+    const int shallow = k < GEMM_DACT_MIN_K &&
+                        (double)m * (double)n * (double)sizeof(REAL) < GEMM_DACT_SHALLOW_BYTES;
+    if (m == 0 || n == 0 || shallow) {
         fbp_status st =
             KFN(gemm)(dz, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY);
         if (st == FBP_OK) st = KFN(activation_backward)(dz, dbias, dz, y, m, n, act, accumulate);

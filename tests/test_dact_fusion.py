@@ -6,7 +6,8 @@ and the bias gradient summed over the rows in order. Every test trains (or diffe
 same model twice, once with the fusion turned off (``_core._set_dact_fusion(False)``), and
 requires identical bits. Shapes cross the GEMM's direct path, its packed path on one and two
 threads (a column split: each thread owns whole columns of the sums), several K blocks, several
-MC blocks of rows, ragged edge tiles, and the shallow products (k < 32) that run unfused.
+MC blocks of rows, ragged edge tiles, and the shallow products (k < 32) that run unfused unless
+their dZ is large.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ NETS = [
     pytest.param((16, 40, 500, 10), 40, 80, id="two-K-blocks"),  # k = 500 > KC
     pytest.param((8, 96, 64, 5), 520, 1040, id="two-MC-blocks"),  # 520 rows > MC
     pytest.param((12, 30, 20, 4), 16, 48, id="shallow-unfused"),  # k = 20 < 32
+    # k = 10 < 32, but dZ (256 x 1024) is over 512 KiB: fused (W4's output layer)
+    pytest.param((6, 1024, 10), 256, 512, id="shallow-large-fused"),
 ]
 
 
@@ -63,10 +66,16 @@ def test_fused_epilogue_matches_the_two_kernels(isa, dtype, act, sizes, batch_si
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_threads_and_bias(dtype, bias, threads):
+@pytest.mark.parametrize(
+    ("sizes", "batch_size", "n"),
+    [
+        pytest.param((64, 256, 128, 10), 128, 256, id="W3-scaled"),
+        pytest.param((6, 1024, 10), 256, 512, id="shallow-large"),  # k = 10, fused
+    ],
+)
+def test_threads_and_bias(dtype, bias, threads, sizes, batch_size, n):
     """Two threads split the product by columns, so each owns its columns' sums: the same
     bits as one thread and as the unfused kernels, with and without biases."""
-    sizes, batch_size, n = (64, 256, 128, 10), 128, 256  # W3's shape, scaled down
     fused = fit_state(True, sizes, "relu", dtype, batch_size, n, bias=bias, threads=threads)
     plain = fit_state(False, sizes, "relu", dtype, batch_size, n, bias=bias, threads=threads)
     assert_same_training(fused, plain)
