@@ -99,9 +99,9 @@ def test_bad_arguments_are_reported(tmp_path: pathlib.Path) -> None:
     [(2, 0.0, "every run"), (1, 0.0, "none"), (2, float("inf"), "none")],
 )
 def test_parallel_runs_wait_for_idle_thread_pools(monkeypatch, threads, min_flops, expected):
-    """Before each timed run of a parallel workload (threads > 1, enough flops) the runner waits
-    for the previous contender's spinning thread pools; on one thread, or for a tiny workload,
-    it does not wait."""
+    """Before each timed run of a parallel workload (threads > 1, enough flops), and before the
+    profiled fit after them, the runner waits for the previous contender's spinning thread
+    pools; on one thread, or for a tiny workload, it does not wait."""
     from fastbp.bench import report
 
     calls = []
@@ -110,4 +110,5 @@ def test_parallel_runs_wait_for_idle_thread_pools(monkeypatch, threads, min_flop
     row = report._run_workload("W1", threads, 1, "smoke", lambda *_: None)
     timed = sum(len(run.times) for run in row.runs.values())
     assert timed >= 2  # fastbp and at least one peer ran
-    assert len(calls) == (timed if expected == "every run" else 0)
+    assert row.profile is not None
+    assert len(calls) == (timed + 1 if expected == "every run" else 0)

@@ -217,6 +217,8 @@ def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> Bench
     profile = None
     if runs[REFERENCE].median is not None:
         try:
+            if threads > 1 and workload.flops >= _SETTLE_MIN_FLOPS:
+                _settle()  # the last contender's pools spin on the cores (see _SETTLE_SECONDS)
             profile = _profile_row(profile_fit(problem))
         except Exception as exc:  # the report still has the timed rounds
             log(f"    profile failed: {type(exc).__name__}: {exc}")
