@@ -28,7 +28,7 @@ from fastbp import (
     Sigmoid,
     Tanh,
 )
-from tests.conftest import dot_error_bound, torch_equivalent
+from tests.conftest import build_mlp, dot_error_bound, torch_equivalent
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
@@ -809,3 +809,72 @@ def test_seeded_models_do_not_advance_the_global_generator() -> None:
     fastbp.manual_seed(123)
     fastbp.Sequential(fastbp.Linear(4, 3, rng=np.random.default_rng(0)))
     assert not np.array_equal(fastbp.Linear(3, 2).weight.data, expected)
+
+
+def _step_net(dtype):
+    # 12 x 40 weights: past the fused small-network step, so train_step copies its batch
+    return build_mlp([12, 40, 3], ["tanh"], dtype, seed=4)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_train_step_refuses_nonfinite_x_and_keeps_the_last_batch(dtype, bad):
+    """train_step checks x for NaN/inf in C, while copying it: a refused batch changes nothing,
+    not even the batch a later backward() reads, nor the train/eval mode; on the first call,
+    in the step after another, and with a batch larger than any before."""
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(r, 12)).astype(dtype) for r in (8, 8, 30)]
+    ys = [rng.integers(0, 3, size=x.shape[0]) for x in xs]
+    dy = rng.normal(size=(8, 3)).astype(dtype)
+
+    def run(refused):
+        model = _step_net(dtype)
+        opt = fastbp.optim.SGD(model.parameters(), lr=0.1)
+        if refused:  # the first call, with nothing allocated yet
+            with pytest.raises(ValueError, match="x contains NaN or infinity"):
+                model.train_step(_poisoned(xs[0], bad), ys[0], "cross_entropy", opt)
+        losses = [model.train_step(xs[0], ys[0], "cross_entropy", opt)]
+        if refused:  # a step after another: the last batch's copy must survive
+            for x, y in ((xs[1], ys[1]), (xs[2], ys[2])):  # same size, then larger
+                model.eval()
+                with pytest.raises(ValueError, match="x contains NaN or infinity"):
+                    model.train_step(_poisoned(x, bad), y, "cross_entropy", opt)
+                assert not model.training  # the mode is restored too
+                model.train()
+        model.backward(dy)  # reads train_step's saved batch and activations
+        grads = [p.grad.copy() for p in model.parameters()]
+        losses.append(model.train_step(xs[1], ys[1], "cross_entropy", opt))
+        return model.state_dict(), grads, losses
+
+    got, expected = run(True), run(False)
+    for key in expected[0]:
+        np.testing.assert_array_equal(got[0][key], expected[0][key], err_msg=key, strict=True)
+    for g, e in zip(got[1], expected[1], strict=True):
+        np.testing.assert_array_equal(g, e, strict=True)
+    assert got[2] == expected[2]
+
+
+def _poisoned(x, value):
+    out = x.copy()
+    out[x.shape[0] // 2, 5] = value
+    return out
+
+
+def test_train_step_alternates_its_batch_copies(dtype):
+    """Consecutive train_steps write alternate copies of the batch: a backward after each reads
+    that step's batch (the grads of a forward-backward on it; lr 0 keeps the weights)."""
+    rng = np.random.default_rng(1)
+    model = _step_net(dtype)
+    twin = _step_net(dtype)
+    opt = fastbp.optim.SGD(model.parameters(), lr=0.0)
+    dy = rng.normal(size=(8, 3)).astype(dtype)
+    for _ in range(3):
+        x = rng.normal(size=(8, 12)).astype(dtype)
+        twin.load_state_dict(model.state_dict())
+        model.train_step(x, rng.integers(0, 3, size=8), "cross_entropy", opt)
+        model.zero_grad()
+        model.backward(dy)
+        twin.zero_grad()
+        twin.forward(x)
+        twin.backward(dy)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            np.testing.assert_array_equal(p.grad, q.grad, strict=True)

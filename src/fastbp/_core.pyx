@@ -29,6 +29,7 @@ cdef extern from "fastbp.h" nogil:
         FBP_ERR_NONFINITE
         FBP_ERR_STATE
         FBP_ERR_INTERRUPTED
+        FBP_ERR_NONFINITE_INPUT
     ctypedef enum fbp_activation:
         pass
     ctypedef enum fbp_isa:
@@ -140,6 +141,8 @@ cdef int check(fbp_status status, str what) except -1:
         raise NonFiniteLossError(f"{what}: the loss is not finite")
     if status == FBP_ERR_STATE:
         raise RuntimeError(f"{what}: call forward() in training mode with the same batch first")
+    if status == FBP_ERR_NONFINITE_INPUT:
+        raise ValueError("x contains NaN or infinity")
     raise ValueError(f"{what}: the C kernel rejected its arguments (status {<int>status})")
 
 

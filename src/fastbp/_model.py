@@ -526,16 +526,19 @@ class Sequential(Module):
         Returns the loss before the update.
         """
         loss = resolve_loss(loss_fn)
-        arr = self._check_input(x)
-        if not _all_finite(arr):
-            raise ValueError("x contains NaN or infinity")
+        arr = self._check_input(x)  # NaN and infinity: checked in C, in the pass copying x
         self._check_batchnorm_batch(arr.shape[0], True)
         target = self._loss_target(loss, y, arr.shape[0])
         state = _flat_state(optimizer, self)
+        was_training = self.training
         self.train()
         with self._exclusive():
             optimizer._sync(state)
-            value = self._plan.train_step(arr, target, loss.kind, state)
+            try:
+                value = self._plan.train_step(arr, target, loss.kind, state)
+            except ValueError:  # refused before anything changed: so is the mode
+                self.train(was_training)
+                raise
         self._last_batch = arr.shape[0]
         return value
 
