@@ -204,7 +204,8 @@ fbp_status fbp_plan_loss(fbp_plan *plan, double *loss, void *dout, const void *t
                          int64_t batch, fbp_loss loss_kind);
 /* One optimizer update of the whole parameter buffer from the current gradients. */
 fbp_status fbp_plan_update(fbp_plan *plan, fbp_optimizer *opt);
-/* zero_grad, forward, loss, backward, update in one call. */
+/* zero_grad, forward, loss, backward, update in one call. An x holding NaN or infinity returns
+ * FBP_ERR_NONFINITE_INPUT with nothing changed (a later backward still reads the last batch). */
 fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, const void *target,
                                int64_t batch, fbp_loss loss_kind, fbp_optimizer *opt);
 /* zero_grad, forward (training), loss and backward, no update: grads = grad_scale * the

@@ -968,9 +968,6 @@ static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const voi
                                          const void *target, int64_t rows, fbp_loss kind,
                                          fbp_optimizer *opt) {
     const int64_t n = rows * plan->in_features;
-    const size_t half =
-        align_up((size_t)plan->step_rows * (size_t)plan->in_features * sizeof(REAL));
-    REAL *first = (REAL *)plan->step_inputs, *second = (REAL *)(plan->step_inputs + half);
     if (rows > plan->capacity || plan->step_rows < plan->capacity) {
         /* The first step, or one after the workspace grew (which drops the saved activations,
          * so no batch needs keeping): check before anything changes, then size the copies. */
@@ -987,6 +984,9 @@ static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const voi
         memcpy(block, x, (size_t)n * sizeof(REAL));
         plan->batch = block;
     } else {
+        const size_t half =
+            align_up((size_t)plan->step_rows * (size_t)plan->in_features * sizeof(REAL));
+        REAL *first = (REAL *)plan->step_inputs, *second = (REAL *)(plan->step_inputs + half);
         REAL *free_copy = plan->batch == first ? second : first;
         if (!TFN(copy_finite)(free_copy, x, n)) return FBP_ERR_NONFINITE_INPUT;
         plan->batch = free_copy;
