@@ -18,7 +18,20 @@ from tests.conftest import eps, using_threads
 
 LD = np.longdouble
 EPS64 = float(np.finfo(np.float64).eps)
-SHAPES = [(1, 1), (1, 10), (7, 3), (128, 10), (33, 257), (257, 1000)]
+# classes 7 and 15: one lane short of a float64 / float32 AVX-512 vector (the one-vector path);
+# 8 and 16: exactly one vector (the general loop)
+SHAPES = [
+    (1, 1),
+    (1, 10),
+    (7, 3),
+    (6, 7),
+    (4, 8),
+    (5, 15),
+    (3, 16),
+    (128, 10),
+    (33, 257),
+    (257, 1000),
+]
 LABEL_KINDS = ["int64", "int32", "uint8", "list"]
 
 
