@@ -166,6 +166,17 @@ void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed) {
             ok = all_finite_range_##SFX(x, lo, hi);                                                \
         }                                                                                          \
         return ok;                                                                                 \
+    }                                                                                              \
+    /* memcpy of n values that also tells whether all are finite: train_step's batch copy */       \
+    static int copy_finite_##SFX(T *restrict dst, const T *restrict src, int64_t n) {              \
+        U bad = 0;                                                                                 \
+        for (int64_t i = 0; i < n; i++) {                                                          \
+            U bits;                                                                                \
+            memcpy(&bits, src + i, sizeof bits);                                                   \
+            bad |= (bits & EXP) == EXP;                                                            \
+            dst[i] = src[i];                                                                       \
+        }                                                                                          \
+        return !bad;                                                                               \
     }
 DEFINE_ALL_FINITE(f32, float, uint32_t, 0x7f800000u)
 DEFINE_ALL_FINITE(f64, double, uint64_t, 0x7ff0000000000000ull)
@@ -433,22 +444,14 @@ int fbp_plan_small_step_applies(const fbp_plan *plan, int64_t batch) {
 #define FBP_TRAIN_PASS 1
 #define REAL float
 #define SFX f32
-#define FINITE_BITS uint32_t
-#define FINITE_EXP 0x7f800000u
 #include "train.c"
 #undef REAL
 #undef SFX
-#undef FINITE_BITS
-#undef FINITE_EXP
 #define REAL double
 #define SFX f64
-#define FINITE_BITS uint64_t
-#define FINITE_EXP 0x7ff0000000000000ull
 #include "train.c"
 #undef REAL
 #undef SFX
-#undef FINITE_BITS
-#undef FINITE_EXP
 
 #define DISPATCH(call) (plan->dtype == FBP_F64 ? FBP_CAT(call, _f64) : FBP_CAT(call, _f32))
 
@@ -950,18 +953,6 @@ static fbp_status TFN(loss_public)(fbp_plan *plan, double *loss, void *dout, con
     return TFN(loss)(plan, loss, dout, target, rows, kind);
 }
 
-/* memcpy of n values that also tells whether all are finite (1) or not (0). */
-static int TFN(copy_finite)(REAL *restrict dst, const REAL *restrict src, int64_t n) {
-    FINITE_BITS bad = 0;
-    for (int64_t i = 0; i < n; i++) {
-        FINITE_BITS bits;
-        memcpy(&bits, src + i, sizeof bits);
-        bad |= (bits & FINITE_EXP) == FINITE_EXP;
-        dst[i] = src[i];
-    }
-    return !bad;
-}
-
 /* x is checked for NaN and infinity in the pass that copies it (a separate scan before it was
  * 2% of W3's train_step loop at one thread, 4% at two); see step_inputs. */
 static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const void *x,
@@ -988,7 +979,7 @@ static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const voi
             align_up((size_t)plan->step_rows * (size_t)plan->in_features * sizeof(REAL));
         REAL *first = (REAL *)plan->step_inputs, *second = (REAL *)(plan->step_inputs + half);
         REAL *free_copy = plan->batch == first ? second : first;
-        if (!TFN(copy_finite)(free_copy, x, n)) return FBP_ERR_NONFINITE_INPUT;
+        if (!FBP_CAT(copy_finite_, SFX)(free_copy, x, n)) return FBP_ERR_NONFINITE_INPUT;
         plan->batch = free_copy;
     }
     memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));
