@@ -206,6 +206,13 @@ FBP_FORWARDERS(double, f64, active_f64)
                                   T *param, double lr, double weight_decay, int keep_grad) {       \
         return TABLE->gemm_sgd(c, a, b, m, n, k, rs_a, cs_a, rs_b, cs_b, param, lr, weight_decay,  \
                                keep_grad);                                                         \
+    }                                                                                              \
+    fbp_status fbp_gemm_check_a_##SFX(T *c, const T *a, const T *b, const T *bias, int64_t m,      \
+                                      int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,            \
+                                      int64_t rs_b, int64_t cs_b, int64_t ldc, T alpha, T beta,    \
+                                      fbp_activation act, int *a_finite) {                         \
+        return TABLE->gemm_check_a(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,     \
+                                   beta, act, a_finite);                                           \
     }
 
 FBP_INTERNAL_FORWARDERS(float, f32, active_f32)

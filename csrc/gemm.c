@@ -174,6 +174,27 @@ static inline LFN(sgd)
     return v;
 }
 
+/* 1 when none of `rows` rows of `cols` values (row stride rs) is NaN or infinite: x * 0 is 0 for
+ * a finite x and NaN for the others, so the sums stay 0 unless one is not (one FMA a vector;
+ * testing the exponent bits took ~4 cycles a vector on AVX-512, a mask and its move back).
+ * fbp_gemm_check_a runs it over each A sliver while the sliver is in L1 for its tiles; a pass
+ * of its own over W3's batch took 40 us a step. */
+static int LFN(block_finite)(const REAL *x, int64_t rs, int64_t rows, int64_t cols) {
+    const VEC zero = V_(vbcast)(0);
+    VEC sum[4] = {zero, zero, zero, zero};
+    for (int64_t r = 0; r < rows; r++) {
+        const REAL *row = x + r * rs;
+        int64_t j = 0;
+        for (; j + 4 * VL <= cols; j += 4 * VL)
+            for (int u = 0; u < 4; u++) sum[u] += V_(vload)(row + j + u * VL) * zero;
+        for (; j < cols; j += VL) sum[0] += V_(vload_n)(row + j, min_i64(VL, cols - j)) * zero;
+    }
+    const VEC all = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    for (int64_t l = 0; l < VL; l++)
+        if (all[l] != 0) return 0;
+    return 1;
+}
+
 #define FBP_LANES(F, S) FBP_CAT(FBP_LANES_, VLN)(F, S)
 #define MASK_LO(l, S) (((l) & (S)) ? VLN + (l) - (S) : (l))
 #define MASK_HI(l, S) (((l) & (S)) ? VLN + (l) : (l) + (S))
@@ -612,12 +633,14 @@ FBP_INLINE void LFN(prefetch_sliver)(const REAL *a, int64_t rs, int64_t rows, in
 
 /* C (m x n) on the calling thread, packing into its own buffers: the loops over NC panels, KC
  * blocks and MC blocks around the MR x NR tiles. fetch_a: fetch each in-place A sliver one
- * sliver ahead, for an A that may sit in another core's cache. */
+ * sliver ahead, for an A that may sit in another core's cache. a_finite (not NULL): check each
+ * A sliver (as the micro-kernel reads it, in place or packed) once, in the first panel, storing
+ * 0 there on a NaN or infinity. */
 static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                               int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                               int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
                               REAL *packed_b, REAL *packed_a, int fetch_a, const LFN(dact) * dact,
-                              const LFN(sgd) * sgd) {
+                              const LFN(sgd) * sgd, int *a_finite) {
     const int64_t kc_step = LFN(balanced_kc)(k);
     /* A row-major B is read in place, not packed, when its slivers stream from L2 anyway
      * (GEMM_A_OUTER): packing was ~8% of a W3-sized GEMM. Whole slivers only; the ragged last
@@ -720,6 +743,13 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                 b_in_place ? b + pc * rs_b + j : packed_b + jr * NR * kc;
                             const int64_t ldb = b_in_place ? rs_b : NR;
                             const REAL *bias_j = bias ? bias + j : NULL;
+                            /* the second B sliver's tile: the first brought the A sliver into
+                             * L1 (checked before it, the check waited on memory alone: W3's
+                             * first-layer forward +6 us a step, against +1.5 here) */
+                            if (a_finite && jc == 0 && jr == min_i64(1, n_bs - 1) &&
+                                !(a_in_place ? LFN(block_finite)(pa, rs_a, rows, kc)
+                                             : LFN(block_finite)(pa, 0, 1, MR * kc)))
+                                __atomic_store_n(a_finite, 0, __ATOMIC_RELAXED);
                             if (rows == MR && cols == NR && dact && last) {
                                 LFN(full_tile_dact)(c + i * ldc + j, ldc, pa, a_rs, pb, ldb, kc,
                                                     first, dact->y + i * dact->ldy + j, dact->ldy,
@@ -768,7 +798,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                                    int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
                                    fbp_activation act, size_t b_bytes, size_t a_bytes,
                                    size_t band_bytes, int nthreads, int fetch_a,
-                                   const LFN(dact) * dact, const LFN(sgd) * sgd) {
+                                   const LFN(dact) * dact, const LFN(sgd) * sgd, int *a_finite) {
     const int64_t col_parts = (n + NR - 1) / NR, row_parts = (m + MR - 1) / MR;
     /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
     const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
@@ -786,7 +816,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
         if (sgd) my_sgd = LFN(sgd_band)(sgd, scratch + b_bytes + a_bytes, band_bytes);
         LFN(gemm_blocked)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
                           (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a, dact,
-                          sgd ? &my_sgd : NULL);
+                          sgd ? &my_sgd : NULL, a_finite);
         return FBP_OK;
     }
     int failed = 0;
@@ -818,7 +848,8 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                 if (j1 > j0)
                     LFN(gemm_blocked)(c + j0, a, b + j0 * cs_b, bias ? bias + j0 : NULL, m, j1 - j0,
                                       k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa,
-                                      fetch_a, dact ? &mine : NULL, sgd ? &my_sgd : NULL);
+                                      fetch_a, dact ? &mine : NULL, sgd ? &my_sgd : NULL,
+                                      lo == 0 ? a_finite : NULL); /* every thread reads all A */
             } else {
                 const int64_t i0 = lo * MR, i1 = min_i64(hi * MR, m);
                 LFN(sgd) my_sgd;
@@ -828,7 +859,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                 if (i1 > i0)
                     LFN(gemm_blocked)(c + i0 * ldc, a + i0 * rs_a, b, bias, i1 - i0, n, k, rs_a,
                                       cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa, fetch_a,
-                                      NULL, sgd ? &my_sgd : NULL);
+                                      NULL, sgd ? &my_sgd : NULL, a_finite);
             }
         }
     }
@@ -838,13 +869,23 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
 static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                                 int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
-                                fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd);
+                                fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd,
+                                int *a_finite);
 
 fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,
                      int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc,
                      REAL alpha, REAL beta, fbp_activation act) {
     return LFN(gemm_any)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                         NULL, NULL);
+                         NULL, NULL, NULL);
+}
+
+fbp_status KFN(gemm_check_a)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
+                             int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
+                             int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
+                             int *a_finite) {
+    if (!a_finite) return FBP_ERR_INVALID;
+    return LFN(gemm_any)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
+                         NULL, NULL, a_finite);
 }
 
 fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, const REAL *y,
@@ -869,7 +910,7 @@ fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, c
     if (dbias && !accumulate) memset(dbias, 0, (size_t)n * sizeof(REAL));
     const LFN(dact) dact = {y ? y : dz, n, dbias, act}; /* identity never reads y */
     return LFN(gemm_any)(dz, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY,
-                         &dact, NULL);
+                         &dact, NULL, NULL);
 }
 
 fbp_status KFN(gemm_sgd)(REAL *c, const REAL *a, const REAL *b, int64_t m, int64_t n, int64_t k,
@@ -880,13 +921,14 @@ fbp_status KFN(gemm_sgd)(REAL *c, const REAL *a, const REAL *b, int64_t m, int64
     if (!param) return FBP_ERR_INVALID;
     const LFN(sgd) u = {param, (REAL)lr, (REAL)weight_decay, keep_grad != 0, NULL};
     return LFN(gemm_any)(c, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY,
-                         NULL, &u);
+                         NULL, &u, NULL);
 }
 
 static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                                 int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
-                                fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd) {
+                                fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd,
+                                int *a_finite) {
     if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
     if (m == 0 || n == 0) return FBP_OK;
     if (!c || ldc < n || (k > 0 && (!a || !b))) return FBP_ERR_INVALID;
@@ -918,8 +960,12 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
     const int nthreads = fbp_team_size(work, GEMM_THREAD_GRAIN_MACS);
     /* with more than one thread configured, the operands are often another core's output */
     const int fetch_a = fbp_get_num_threads() > 1;
-    return LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                            b_bytes, a_bytes, band_bytes, nthreads, fetch_a, dact, sgd);
+    int checked = a_finite ? 1 : 0; /* every A value is read, and checked, by a tile below */
+    const fbp_status st = LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc,
+                                           alpha, beta, act, b_bytes, a_bytes, band_bytes, nthreads,
+                                           fetch_a, dact, sgd, a_finite ? &checked : NULL);
+    if (st == FBP_OK && a_finite) *a_finite = checked;
+    return st;
 }
 
 #undef FBP_LANES

@@ -47,7 +47,10 @@ typedef struct {
     fbp_status (*gemm_dact)(T *, T *, const T *, const T *, const T *, int64_t, int64_t, int64_t,  \
                             int64_t, int64_t, int64_t, int64_t, fbp_activation, int);              \
     fbp_status (*gemm_sgd)(T *, const T *, const T *, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                           int64_t, int64_t, T *, double, double, int);
+                           int64_t, int64_t, T *, double, double, int);                            \
+    fbp_status (*gemm_check_a)(T *, const T *, const T *, const T *, int64_t, int64_t, int64_t,    \
+                               int64_t, int64_t, int64_t, int64_t, int64_t, T, T, fbp_activation,  \
+                               int *);
 
 typedef struct {
     FBP_TABLE_FIELDS(float)
@@ -95,6 +98,20 @@ fbp_status fbp_gemm_sgd_f32(float *c, const float *a, const float *b, int64_t m,
 fbp_status fbp_gemm_sgd_f64(double *c, const double *a, const double *b, int64_t m, int64_t n,
                             int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
                             double *param, double lr, double weight_decay, int keep_grad);
+
+/* fbp_gemm that also tells whether A' holds NaN or infinity, from the values it reads anyway:
+ * *a_finite = 0 when one is not finite, 1 when all are, and is left as it was when this
+ * product's path does not check (products small enough for the direct kernel: the caller
+ * checks A itself then). C is computed either way. fit's check of its first epoch's batches in
+ * the first layer's forward; forwards to the active ISA. */
+fbp_status fbp_gemm_check_a_f32(float *c, const float *a, const float *b, const float *bias,
+                                int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,
+                                int64_t rs_b, int64_t cs_b, int64_t ldc, float alpha, float beta,
+                                fbp_activation act, int *a_finite);
+fbp_status fbp_gemm_check_a_f64(double *c, const double *a, const double *b, const double *bias,
+                                int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,
+                                int64_t rs_b, int64_t cs_b, int64_t ldc, double alpha, double beta,
+                                fbp_activation act, int *a_finite);
 
 /* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
  * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include "fastbp.h"
 #include "internal.h"
 extern const fbp_table_f32 fbp_table_f32_generic, fbp_table_f32_avx2, fbp_table_f32_emu512;
@@ -33,8 +34,8 @@ fbp_status fbp_softmax_xent_f32(double *l, float *g, const float *x, const int64
                                 int64_t c, double s) {
     return fbp_table_f32_generic.softmax_xent(l, g, x, y, r, c, s);
 }
-fbp_status fbp_softmax_xent_f64(double *l, double *g, const double *x, const int64_t *y,
-                                int64_t r, int64_t c, double s) {
+fbp_status fbp_softmax_xent_f64(double *l, double *g, const double *x, const int64_t *y, int64_t r,
+                                int64_t c, double s) {
     return fbp_table_f64_generic.softmax_xent(l, g, x, y, r, c, s);
 }
 void *fbp_scratch(size_t b) {
@@ -102,6 +103,41 @@ static double rnd(void) {
         free(ref);                                                                                 \
         free(bound);                                                                               \
     } while (0)
+/* fbp_gemm_check_a: the bits of gemm, and its verdict on A: 1 for a finite A, 0 with one NaN or
+ * infinity at any of a few places, on every product past the direct kernel's size (which leaves
+ * the flag alone: -1 here). */
+#define CHECK_A(T, TABLE, NAME)                                                                    \
+    do {                                                                                           \
+        T *a = malloc(sizeof(T) * m * k + 8), *b = malloc(sizeof(T) * k * n + 8),                  \
+          *c1 = malloc(sizeof(T) * m * n + 8), *c2 = malloc(sizeof(T) * m * n + 8);                \
+        for (long i = 0; i < (long)m * k; i++) a[i] = (T)rnd();                                    \
+        for (long i = 0; i < (long)k * n; i++) b[i] = (T)rnd();                                    \
+        long rsa = ta ? 1 : k, csa = ta ? m : 1, rsb = tb ? 1 : n, csb = tb ? k : 1;               \
+        const int direct = (double)m * n * k <= FBP_GEMM_DIRECT_MAX_MACS;                          \
+        int fin = -1;                                                                              \
+        fbp_status s1 = TABLE.gemm(c1, a, b, NULL, m, n, k, rsa, csa, rsb, csb, n, 1, 0, 0);       \
+        fbp_status s2 =                                                                            \
+            TABLE.gemm_check_a(c2, a, b, NULL, m, n, k, rsa, csa, rsb, csb, n, 1, 0, 0, &fin);     \
+        int bad = s1 || s2 || fin != (direct ? -1 : 1) || memcmp(c1, c2, sizeof(T) * m * n);       \
+        const long where[3] = {0, (long)m * k - 1, (long)m * k / 2};                               \
+        for (int w = 0; w < 3; w++) {                                                              \
+            const T keep = a[where[w]];                                                            \
+            a[where[w]] = w == 1 ? (T)INFINITY : (T)NAN;                                           \
+            fin = -1;                                                                              \
+            s2 =                                                                                   \
+                TABLE.gemm_check_a(c2, a, b, NULL, m, n, k, rsa, csa, rsb, csb, n, 1, 0, 0, &fin); \
+            bad |= s2 || fin != (direct ? -1 : 0);                                                 \
+            a[where[w]] = keep;                                                                    \
+        }                                                                                          \
+        if (bad) {                                                                                 \
+            printf("FAIL %s check_a m=%d n=%d k=%d ta=%d tb=%d\n", NAME, m, n, k, ta, tb);         \
+            fails++;                                                                               \
+        }                                                                                          \
+        free(a);                                                                                   \
+        free(b);                                                                                   \
+        free(c1);                                                                                  \
+        free(c2);                                                                                  \
+    } while (0)
 int main(void) {
     int fails = 0, runs = 0;
     int shapes[][3] = {{1, 1, 1},       {3, 5, 2},      {7, 33, 257},   {13, 17, 19},
@@ -120,6 +156,15 @@ int main(void) {
                     CHECK(double, fbp_table_f64_avx2, "f64 avx2", 1.12e-16);
                     CHECK(double, fbp_table_f64_emu512, "f64 emu512", 1.12e-16);
                     runs += 6;
+                    if (ac == 0) {
+                        CHECK_A(float, fbp_table_f32_generic, "f32 generic");
+                        CHECK_A(float, fbp_table_f32_avx2, "f32 avx2");
+                        CHECK_A(float, fbp_table_f32_emu512, "f32 emu512");
+                        CHECK_A(double, fbp_table_f64_generic, "f64 generic");
+                        CHECK_A(double, fbp_table_f64_avx2, "f64 avx2");
+                        CHECK_A(double, fbp_table_f64_emu512, "f64 emu512");
+                        runs += 6;
+                    }
                 }
     printf("%d runs, %d failures\n", runs, fails);
     return fails != 0;
