@@ -23,7 +23,7 @@ typedef enum {
     FBP_ERR_NONFINITE = 4,   /* a training loss became NaN or infinite */
     FBP_ERR_STATE = 5,       /* called out of order (e.g. backward without a training forward) */
     FBP_ERR_INTERRUPTED = 6, /* a caller's callback asked to stop (it reports its own error) */
-    FBP_ERR_NONFINITE_INPUT = 7, /* an input batch holds NaN or infinity; nothing was changed */
+    FBP_ERR_NONFINITE_INPUT = 7, /* an input batch holds NaN or infinity; it was not trained on */
 } fbp_status;
 
 typedef enum {
@@ -169,6 +169,10 @@ void fbp_plan_destroy(fbp_plan *plan);
 /* The caller owns the buffers and keeps them alive while the plan is used. */
 void fbp_plan_bind(fbp_plan *plan, void *params, void *grads, void *buffers);
 void fbp_plan_set_seed(fbp_plan *plan, uint64_t seed);
+/* Dropout's stream: the seed and the count of masks drawn from it (a caller that undoes
+ * training restores both). */
+void fbp_plan_dropout_state(const fbp_plan *plan, uint64_t *seed, uint64_t *draws);
+void fbp_plan_set_dropout_state(fbp_plan *plan, uint64_t seed, uint64_t draws);
 int64_t fbp_plan_batchnorm_batches(const fbp_plan *plan, int32_t op);
 void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n);
 
@@ -226,22 +230,26 @@ fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *
                                       fbp_grads_ready_fn grads_ready, void *ctx);
 /* Batches [first, first + count) of an epoch over rows order[...] of X (n, in) and targets Y
  * ((n, out) values, or n int64 labels): gather, train_step. loss_sum += loss * rows of each
- * batch. Stops at the first non-finite loss, reporting its batch in *bad_batch (else -1). */
+ * batch. Stops at the first non-finite loss, reporting its batch in *bad_batch (else -1).
+ * check_x: each batch's rows of X are checked for NaN/inf as they are read, before its step; a
+ * batch that fails stops the call with FBP_ERR_NONFINITE_INPUT, its index in *bad_batch, and is
+ * not trained on (the batches before it were: undoing them is the caller's part). */
 fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
                                   const void *X, const void *Y, int64_t n, const int64_t *order,
                                   int64_t batch_size, int64_t first, int64_t count,
-                                  fbp_loss loss_kind, fbp_optimizer *opt);
+                                  fbp_loss loss_kind, fbp_optimizer *opt, int check_x);
 /* `epochs` whole epochs of train_batches over all rows: epoch e first shuffles order in place
  * with fbp_shuffle(order, n, shuffle_seeds[e]) when shuffle_seeds is not NULL (the order carries
  * over, as in one call per epoch), then trains every batch. loss_sums[e] = sum of loss * rows,
  * seconds[e] = the epoch's wall time. Stops at the first non-finite loss (FBP_ERR_NONFINITE),
  * reporting its epoch and batch (else -1): what fit does for a short epoch, without returning to
- * Python between epochs. */
+ * Python between epochs. check_x: the call's first epoch checks X as train_batches does (every
+ * row is in one of its batches, so later epochs need not). */
 fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds,
                                  int64_t *bad_epoch, int64_t *bad_batch, const void *X,
                                  const void *Y, int64_t n, int64_t *order, int64_t batch_size,
                                  int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind,
-                                 fbp_optimizer *opt);
+                                 fbp_optimizer *opt, int check_x);
 /* Eval-mode loss sum and (cross-entropy) count of correct argmax predictions over all rows. */
 fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X,
                              const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind);

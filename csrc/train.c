@@ -42,7 +42,10 @@ struct fbp_plan {
      * batch leaves that one (which a later backward reads) as it was */
     char *step_inputs;
     int64_t step_rows;
-    const void *batch;     /* the rows the last forward read: input, or the caller's X in place */
+    const void *batch; /* the rows the last forward read: input, or the caller's X in place */
+    /* the next training forward checks the batch for NaN/inf (fit's first epoch): in its first
+     * product when op 0 is a Linear (fbp_gemm_check_a), else in a pass of its own */
+    int check_input;
     void **outs;           /* per op: capacity x out_features */
     void **masks;          /* per dropout op: capacity x width scale factors (0 or 1/(1-p)) */
     double **bn_stats;     /* per batchnorm op: mean[width], invstd[width] of the last batch */
@@ -348,6 +351,16 @@ void fbp_plan_set_seed(fbp_plan *plan, uint64_t seed) {
     plan->dropout_calls = 0;
 }
 
+void fbp_plan_dropout_state(const fbp_plan *plan, uint64_t *seed, uint64_t *draws) {
+    *seed = plan->seed;
+    *draws = plan->dropout_calls;
+}
+
+void fbp_plan_set_dropout_state(fbp_plan *plan, uint64_t seed, uint64_t draws) {
+    plan->seed = seed;
+    plan->dropout_calls = draws;
+}
+
 int64_t fbp_plan_batchnorm_batches(const fbp_plan *plan, int32_t op) {
     return op >= 0 && op < plan->n_ops ? plan->bn_batches[op] : 0;
 }
@@ -510,19 +523,19 @@ fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *
 fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
                                   const void *X, const void *Y, int64_t n, const int64_t *order,
                                   int64_t batch_size, int64_t first, int64_t count,
-                                  fbp_loss loss_kind, fbp_optimizer *opt) {
+                                  fbp_loss loss_kind, fbp_optimizer *opt, int check_x) {
     if (!plan || !loss_sum || !bad_batch || !X || !Y || !order || !opt || n <= 0 ||
         batch_size <= 0 || first < 0 || count < 0 || !plan->params || !plan->grads)
         return FBP_ERR_INVALID;
     return DISPATCH(train_batches)(plan, loss_sum, bad_batch, X, Y, n, order, batch_size, first,
-                                   count, loss_kind, opt);
+                                   count, loss_kind, opt, check_x);
 }
 
 fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds,
                                  int64_t *bad_epoch, int64_t *bad_batch, const void *X,
                                  const void *Y, int64_t n, int64_t *order, int64_t batch_size,
                                  int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind,
-                                 fbp_optimizer *opt) {
+                                 fbp_optimizer *opt, int check_x) {
     if (!plan || !loss_sums || !seconds || !bad_epoch || !bad_batch || !X || !Y || !order || !opt ||
         n <= 0 || batch_size <= 0 || epochs < 0 || !plan->params || !plan->grads)
         return FBP_ERR_INVALID;
@@ -535,9 +548,9 @@ fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seco
         loss_sums[e] = 0;
         const fbp_status st =
             DISPATCH(train_batches)(plan, &loss_sums[e], bad_batch, X, Y, n, order, batch_size, 0,
-                                    n_batches, loss_kind, opt);
+                                    n_batches, loss_kind, opt, check_x && e == 0);
         seconds[e] = omp_get_wtime() - t0;
-        if (st == FBP_ERR_NONFINITE) *bad_epoch = e;
+        if (st == FBP_ERR_NONFINITE || st == FBP_ERR_NONFINITE_INPUT) *bad_epoch = e;
         if (st != FBP_OK) return st;
     }
     return FBP_OK;
@@ -642,15 +655,27 @@ static void TFN(batchnorm_backward)(const fbp_plan *plan, int32_t i, REAL *g, co
 static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
     const REAL *params = plan->params;
     double t = profile_start(plan);
+    /* plan->check_input: -1 until checked, then 1 (finite) or 0 */
+    int batch_finite = plan->check_input ? -1 : 1;
     for (int32_t i = 0; i < plan->n_ops; i++) {
         const fbp_op *op = &plan->ops[i];
         const REAL *x = TFN(op_input)(plan, i);
         REAL *y = plan->outs[i];
         const int64_t in = op->in_features, out = op->out_features, size = rows * out;
         fbp_status st = FBP_OK;
+        if (i == 0 && batch_finite < 0 && op->kind != FBP_OP_LINEAR)
+            batch_finite = FBP_CAT(fbp_all_finite_, SFX)(x, rows * in);
         switch (op->kind) {
         case FBP_OP_LINEAR:
             /* y = act(x @ W.T + b): B' = W.T is W read with strides (1, in). */
+            if (i == 0 && batch_finite < 0) {
+                st = KERNEL(gemm_check_a)(
+                    y, x, params + op->weight, op->bias >= 0 ? params + op->bias : NULL, rows, out,
+                    in, in, 1, 1, in, out, 1, 0, (fbp_activation)op->activation, &batch_finite);
+                if (st == FBP_OK && batch_finite < 0) /* a product too small to check */
+                    batch_finite = FBP_CAT(fbp_all_finite_, SFX)(x, rows * in);
+                break;
+            }
             st = KERNEL(gemm)(y, x, params + op->weight, op->bias >= 0 ? params + op->bias : NULL,
                               rows, out, in, in, 1, 1, in, out, 1, 0,
                               (fbp_activation)op->activation);
@@ -683,6 +708,9 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
             break;
         }
         if (st != FBP_OK) return st;
+        /* a bad batch stops here: what ran of this forward (BatchNorm's running statistics, a
+         * dropout draw) is for the caller to undo, as it undoes the steps before */
+        if (!batch_finite) return FBP_ERR_NONFINITE_INPUT;
         plan->cur_out[i] = y;
         profile_lap(plan, op_slot(plan, i, FBP_PROFILE_FORWARD), &t);
     }
@@ -856,6 +884,11 @@ static fbp_small_net TFN(small_net)(const fbp_plan *plan) {
 /* The fused step; opt NULL: gradients only. Leaves the plan as forward and backward would. */
 static fbp_status TFN(small_step)(fbp_plan *plan, const fbp_small_net *net, double *loss,
                                   int64_t rows, fbp_loss kind, fbp_optimizer *opt) {
+    /* fit's first-epoch check (plan->check_input): the fused step has no forward to check in,
+     * and reads so few values that a pass of its own is cheap */
+    if (plan->check_input &&
+        !FBP_CAT(fbp_all_finite_, SFX)((const REAL *)net->input, rows * plan->in_features))
+        return FBP_ERR_NONFINITE_INPUT;
     double since = profile_start(plan);
     const fbp_status st = KERNEL(small_step)(net, loss, rows, kind, opt);
     if (plan->profiling) {
@@ -1072,7 +1105,7 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
         net.input = plan->batch;
         st = small ? TFN(small_step)(plan, &net, &loss, rows, kind, opt)
                    : TFN(step)(plan, &loss, rows, kind, opt, b == first + count - 1);
-        if (st == FBP_ERR_NONFINITE) *bad_batch = b;
+        if (st == FBP_ERR_NONFINITE || st == FBP_ERR_NONFINITE_INPUT) *bad_batch = b;
         if (st != FBP_OK) return st;
         *loss_sum += loss * (double)rows;
     }
@@ -1090,9 +1123,11 @@ static void TFN(release_batch)(fbp_plan *plan) {
 static fbp_status TFN(train_batches)(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
                                      const void *X, const void *Y, int64_t n, const int64_t *order,
                                      int64_t batch_size, int64_t first, int64_t count,
-                                     fbp_loss kind, fbp_optimizer *opt) {
+                                     fbp_loss kind, fbp_optimizer *opt, int check_x) {
+    plan->check_input = check_x; /* read by each step (TFN(forward), TFN(small_step)) */
     const fbp_status st = TFN(train_batch_range)(plan, loss_sum, bad_batch, X, Y, n, order,
                                                  batch_size, first, count, kind, opt);
+    plan->check_input = 0;
     TFN(release_batch)(plan);
     return st;
 }

@@ -101,6 +101,8 @@ cdef extern from "fastbp.h" nogil:
     void fbp_plan_destroy(fbp_plan *plan)
     void fbp_plan_bind(fbp_plan *plan, void *params, void *grads, void *buffers)
     void fbp_plan_set_seed(fbp_plan *plan, uint64_t seed)
+    void fbp_plan_dropout_state(const fbp_plan *plan, uint64_t *seed, uint64_t *draws)
+    void fbp_plan_set_dropout_state(fbp_plan *plan, uint64_t seed, uint64_t draws)
     int64_t fbp_plan_batchnorm_batches(const fbp_plan *plan, int32_t op)
     void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n)
     int fbp_plan_small_step_applies(const fbp_plan *plan, int64_t batch)
@@ -111,8 +113,8 @@ cdef extern from "fastbp.h" nogil:
     fbp_status fbp_plan_train_step(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, fbp_loss loss_kind, fbp_optimizer *opt)
     ctypedef int (*fbp_grads_ready_fn)(void *ctx, int32_t op) noexcept nogil
     fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, int64_t row_offset, fbp_loss loss_kind, double grad_scale, fbp_grads_ready_fn grads_ready, void *ctx)
-    fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch, const void *X, const void *Y, int64_t n, const int64_t *order, int64_t batch_size, int64_t first, int64_t count, fbp_loss loss_kind, fbp_optimizer *opt)
-    fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds, int64_t *bad_epoch, int64_t *bad_batch, const void *X, const void *Y, int64_t n, int64_t *order, int64_t batch_size, int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind, fbp_optimizer *opt)
+    fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch, const void *X, const void *Y, int64_t n, const int64_t *order, int64_t batch_size, int64_t first, int64_t count, fbp_loss loss_kind, fbp_optimizer *opt, int check_x)
+    fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds, int64_t *bad_epoch, int64_t *bad_batch, const void *X, const void *Y, int64_t n, int64_t *order, int64_t batch_size, int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind, fbp_optimizer *opt, int check_x)
     fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X, const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind)
     void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed)
     int fbp_all_finite_f32(const float *x, int64_t n)
@@ -130,6 +132,17 @@ ISA_NAMES = tuple(fbp_isa_name(<fbp_isa>i).decode() for i in range(FBP_ISA_COUNT
 
 class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN or infinite; the weights are those of the last good step."""
+
+
+class NonFiniteInputError(ValueError):
+    """fit's check of X as its first epoch reads it (``check_x``) found NaN or infinity in the
+    rows of batch ``batch`` (of epoch ``epoch``, counted within the call); that batch was not
+    trained on, the earlier ones were. Internal: fit undoes them and raises a plain ValueError."""
+
+    def __init__(self, epoch, batch):
+        super().__init__("X contains NaN or infinity")
+        self.epoch = epoch
+        self.batch = batch
 
 
 cdef int check(fbp_status status, str what) except -1:
@@ -535,6 +548,12 @@ cdef class OptimizerState:
     def step(self):
         return self.opt.step
 
+    @property
+    def arrays(self):
+        """The state buffers (each None when the optimizer keeps none), for a caller that
+        saves and restores the state."""
+        return self.state1_arr, self.state2_arr
+
     @step.setter
     def step(self, int64_t value):
         self.opt.step = value
@@ -601,6 +620,15 @@ cdef class Plan:
 
     def set_seed(self, uint64_t seed):
         fbp_plan_set_seed(self.plan, seed)
+
+    def dropout_state(self):
+        """(seed, masks drawn): dropout's stream, for a caller that undoes training."""
+        cdef uint64_t seed, draws
+        fbp_plan_dropout_state(self.plan, &seed, &draws)
+        return seed, draws
+
+    def set_dropout_state(self, uint64_t seed, uint64_t draws):
+        fbp_plan_set_dropout_state(self.plan, seed, draws)
 
     def batchnorm_batches(self, int32_t op):
         return fbp_plan_batchnorm_batches(self.plan, op)
@@ -716,10 +744,11 @@ cdef class Plan:
 
     def train_epochs(self, X, Y, int64_t[::1] order, int64_t batch_size, int64_t epochs,
                      const uint64_t[::1] shuffle_seeds, double[::1] loss_sums,
-                     double[::1] seconds, int loss_kind, OptimizerState opt):
+                     double[::1] seconds, int loss_kind, OptimizerState opt, bint check_x=False):
         """Whole epochs in one call (see fbp_plan_train_epochs): fills loss_sums[:epochs] and
         seconds[:epochs]; returns (bad_epoch, bad_batch), both -1 unless a loss was not finite.
-        shuffle_seeds (one per epoch) may be None for the order as given."""
+        shuffle_seeds (one per epoch) may be None for the order as given. check_x: the first
+        epoch checks X's rows as it reads them, raising NonFiniteInputError."""
         if loss_sums.shape[0] < epochs or seconds.shape[0] < epochs:
             raise ValueError("train_epochs: loss_sums and seconds need one slot per epoch")
         if shuffle_seeds is not None and shuffle_seeds.shape[0] < epochs:
@@ -737,17 +766,20 @@ cdef class Plan:
         with nogil:
             status = fbp_plan_train_epochs(self.plan, &loss_sums[0], &seconds[0], &bad_epoch,
                                            &bad_batch, xp, yp, n, &order[0], batch_size, epochs,
-                                           seeds, <fbp_loss>loss_kind, &opt.opt)
+                                           seeds, <fbp_loss>loss_kind, &opt.opt, check_x)
         if status == FBP_ERR_NONFINITE:
             return bad_epoch, bad_batch
+        if status == FBP_ERR_NONFINITE_INPUT:
+            raise NonFiniteInputError(bad_epoch, bad_batch)
         check(status, "fit")
         return -1, -1
 
     def train_batches(self, X, Y, order, int64_t batch_size, int64_t first, int64_t count,
-                      int loss_kind, OptimizerState opt, double loss_sum=0):
+                      int loss_kind, OptimizerState opt, double loss_sum=0, bint check_x=False):
         """Returns (loss_sum, bad_batch): loss_sum plus each batch's loss * rows, added in turn
         (so an epoch's sum is the same however it is split into calls); bad_batch >= 0 when
-        that batch's loss was not finite."""
+        that batch's loss was not finite. check_x: each batch's rows of X are checked as they
+        are read, raising NonFiniteInputError (epoch 0)."""
         cdef const void *xp = data_ptr(X)
         cdef const void *yp = data_ptr(Y)
         cdef const int64_t *orderp = <const int64_t *>data_ptr(order)
@@ -757,9 +789,11 @@ cdef class Plan:
         with nogil:
             status = fbp_plan_train_batches(self.plan, &loss_sum, &bad, xp, yp, n, orderp,
                                             batch_size, first, count, <fbp_loss>loss_kind,
-                                            &opt.opt)
+                                            &opt.opt, check_x)
         if status == FBP_ERR_NONFINITE:
             return loss_sum, bad
+        if status == FBP_ERR_NONFINITE_INPUT:
+            raise NonFiniteInputError(0, bad)
         check(status, "fit")
         return loss_sum, -1
 

@@ -42,6 +42,13 @@ _OP_LINEAR, _OP_ACTIVATION, _OP_DROPOUT, _OP_BATCHNORM = 0, 1, 2, 3
 # Target chunks of C work between returns to Python (progress, Ctrl-C): long enough that the
 # call overhead vanishes, short enough that an interrupt is handled within a batch or so.
 _CHUNK_SECONDS = 0.02
+# fit checks X for NaN/inf as its first epoch reads each batch (the first Linear's product
+# checks the values it loads anyway: fbp_gemm_check_a), instead of in a pass of its own up
+# front, when X is at least this large and this many times the state it would have to restore
+# on a bad row (_FitUndo). The pass read all of X from memory for nothing the step reused
+# (Fashion-MNIST's 188 MB: 12 ms at one thread, 7 at two, 3% of a W3 epoch).
+_DEFER_CHECK_MIN_BYTES = 4 << 20
+_DEFER_CHECK_STATE_RATIO = 8
 
 
 def _all_finite(arr: np.ndarray) -> bool:
@@ -571,7 +578,9 @@ class Sequential(Module):
         order and dropout masks: the same seed gives bitwise the same weights, whatever the
         thread count. ``callbacks`` are callables ``f(epoch, logs)`` or objects with
         ``on_epoch_end(epoch, logs)`` / ``on_batch_end(batch, logs)``. ``lr_scheduler.step()``
-        runs after each epoch. A NaN/inf loss stops training with
+        runs after each epoch. NaN or infinity in X or y raises ValueError and changes nothing
+        (for an X of 4 MiB and more, X is checked as the first epoch reads it, and a bad row
+        undoes that epoch's steps first). A NaN/inf loss stops training with
         :class:`fastbp.NonFiniteLossError` naming the epoch and batch (weights are those of the
         last good step); with ``stop_on_nonfinite=False`` that batch is skipped instead.
         Returns a :class:`History`.
@@ -589,7 +598,7 @@ class Sequential(Module):
         shared memory with every core computing. See :mod:`fastbp.distributed`.
         """
         loss_obj = resolve_loss(loss)
-        Xa = self._fit_inputs(X, "X")
+        Xa, x_unchecked = self._unscanned_input(X, "X")
         n = Xa.shape[0]
         Ya = self._loss_target(loss_obj, y, n)
         epochs = _nonnegative_int(epochs, "epochs")
@@ -600,6 +609,13 @@ class Sequential(Module):
             )
             batch_size = n
         self._check_batchnorm_batch(min(batch_size, n % batch_size or batch_size), True)
+        callbacks = list(callbacks or [])
+        # X's NaN/inf check: up front, or as the first epoch reads each batch (undone on a bad
+        # row, see _FitUndo)
+        defer_x_check = x_unchecked and self._can_defer_x_check(Xa, epochs, callbacks, comm)
+        if x_unchecked and not defer_x_check and not _all_finite(Xa):
+            raise ValueError("X contains NaN or infinity")
+        created_optimizer = optimizer is None and self._fit_optimizer is None
         if optimizer is None:
             if self._fit_optimizer is None:
                 from .optim import Adam  # here, not per call: an import statement costs ~1 us
@@ -613,7 +629,7 @@ class Sequential(Module):
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
             Xv = self._fit_inputs(validation_data[0], "validation X")
             val = (Xv, self._loss_target(loss_obj, validation_data[1], Xv.shape[0], "validation y"))
-        callbacks = list(callbacks or [])
+        undo = _FitUndo(self, state, Xa, created_optimizer) if defer_x_check else None
         if comm is not None:
             from .distributed import fit_distributed
 
@@ -663,7 +679,7 @@ class Sequential(Module):
                 # (a tiny network's epoch is ~40 us, and Python's part of it was ~6 us).
                 self._run_epochs_in_c(
                     history, chunk // n_batches, epochs, Xa, Ya, order, batch_size, n_batches,
-                    loss_obj, state, optimizer, base_seed if shuffle else None,
+                    loss_obj, state, optimizer, base_seed if shuffle else None, undo,
                 )  # fmt: skip
                 return history
             for epoch in range(epochs):
@@ -683,7 +699,9 @@ class Sequential(Module):
                     epoch,
                     callbacks,
                     stop_on_nonfinite,
+                    undo,
                 )
+                undo = None  # the first epoch read every row of X
                 logs = _epoch_logs(
                     loss_sum, rows_done, time.perf_counter() - t0, optimizer, skipped
                 )
@@ -709,10 +727,12 @@ class Sequential(Module):
         state: _core.OptimizerState,
         optimizer: object,
         shuffle_seed: int | None,
+        undo: _FitUndo | None,
     ) -> None:
         """fit's loop for short epochs without callbacks, validation, scheduler or printing:
         the same steps, shuffles and History as one call per epoch, in calls of ``per_call``
-        epochs that double while they take under _CHUNK_SECONDS (so Ctrl-C stays prompt)."""
+        epochs that double while they take under _CHUNK_SECONDS (so Ctrl-C stays prompt).
+        With ``undo``, the first epoch checks X's rows as it reads them."""
         n = Xa.shape[0]
         sums, seconds = np.empty(epochs), np.empty(epochs)
         done = 0
@@ -727,14 +747,20 @@ class Sequential(Module):
                 )
             t0 = time.perf_counter()
             optimizer._sync(state)
-            bad_epoch, bad_batch = self._plan.train_epochs(
-                Xa, Ya, order, batch_size, count, seeds, sums[done:], seconds[done:],
-                loss_obj.kind, state,
-            )  # fmt: skip
+            check_x = undo is not None and done == 0
+            try:
+                bad_epoch, bad_batch = self._plan.train_epochs(
+                    Xa, Ya, order, batch_size, count, seeds, sums[done:], seconds[done:],
+                    loss_obj.kind, state, check_x,
+                )  # fmt: skip
+            except _core.NonFiniteInputError:
+                undo.fail()
             finished = count if bad_epoch < 0 else bad_epoch
             for e in range(done, done + finished):
                 history._append(e, _epoch_logs(sums[e], n, seconds[e], optimizer, 0))
             if bad_epoch >= 0:
+                if check_x and bad_epoch == 0:
+                    undo.confirm_x()  # X's unread rows could still hold NaN or infinity
                 raise _core.NonFiniteLossError(
                     _nonfinite_message(done + bad_epoch, bad_batch, n_batches)
                 )
@@ -754,6 +780,16 @@ class Sequential(Module):
         return max(1, min(n_batches, int(_CHUNK_SECONDS / step_seconds)))
 
     def _fit_inputs(self, X: object, name: str) -> np.ndarray:
+        """X as this model's dtype, C-contiguous, checked: shape, features, no NaN or infinity."""
+        out, unchecked = self._unscanned_input(X, name)
+        if unchecked and not _all_finite(out):
+            raise ValueError(f"{name} contains NaN or infinity")
+        return out
+
+    def _unscanned_input(self, X: object, name: str) -> tuple[np.ndarray, bool]:
+        """:meth:`_fit_inputs` but for the NaN/inf scan, and whether that scan is still due: not
+        for an array the caller vouched for (:meth:`_known_finite`), nor for integers (every
+        integer type converts to a finite float32 or float64)."""
         arr = X if isinstance(X, np.ndarray) else np.asarray(X)
         if arr.dtype == np.bool_ or arr.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be a real array, got dtype {arr.dtype}")
@@ -767,9 +803,26 @@ class Sequential(Module):
                 f"{name} has {arr.shape[1]} features, the model expects {self.in_features}"
             )
         out = np.ascontiguousarray(arr, dtype=self.dtype)
-        if not any(out is a for a in self._finite_arrays) and not _all_finite(out):
-            raise ValueError(f"{name} contains NaN or infinity")
-        return out
+        unchecked = arr.dtype.kind == "f" and not any(out is a for a in self._finite_arrays)
+        return out, unchecked
+
+    def _can_defer_x_check(
+        self, Xa: np.ndarray, epochs: int, callbacks: Sequence[object], comm: object
+    ) -> bool:
+        """Whether fit may check X as its first epoch reads it, undoing that epoch's steps on
+        a bad row (_FitUndo), instead of in a pass of its own first: for an X much larger than
+        what the undo copies (the copy must cost less than the pass it saves), when nothing
+        sees the steps before the epoch ends (batch callbacks do) and nothing the undo cannot
+        restore is lost (a step-API forward awaiting its backward; a distributed fit's peers)."""
+        # parameters, gradients and at most two optimizer buffers of the parameters' size
+        state_bytes = 4 * self._params.nbytes + self._buffers.nbytes
+        return (
+            comm is None
+            and epochs > 0
+            and self._last_batch is None
+            and Xa.nbytes >= max(_DEFER_CHECK_MIN_BYTES, _DEFER_CHECK_STATE_RATIO * state_bytes)
+            and not any(hasattr(cb, "on_batch_end") for cb in callbacks)
+        )
 
     @contextlib.contextmanager
     def _known_finite(self, *arrays: np.ndarray) -> Iterator[None]:
@@ -797,7 +850,10 @@ class Sequential(Module):
         epoch,
         callbacks,
         stop_on_nonfinite,
+        undo,
     ) -> tuple[float, int, int, int]:
+        """One epoch of fit, in calls into C of ``chunk`` batches (which grows while calls are
+        short). With ``undo``, X's rows are checked as they are read (the first epoch)."""
         n = Xa.shape[0]
         batch_hooks = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
         loss_sum, rows_done, skipped = 0.0, 0, 0
@@ -809,13 +865,19 @@ class Sequential(Module):
                 optimizer._sync(state)
                 # the running sum goes into C: an epoch's loss is then summed batch by batch
                 # in order, whatever the (timing-dependent) chunks
-                loss_sum, bad = self._plan.train_batches(
-                    Xa, Ya, order, batch_size, first, count, loss_obj.kind, state, loss_sum
-                )
+                try:
+                    loss_sum, bad = self._plan.train_batches(
+                        Xa, Ya, order, batch_size, first, count, loss_obj.kind, state, loss_sum,
+                        undo is not None,
+                    )  # fmt: skip
+                except _core.NonFiniteInputError:
+                    undo.fail()
             done = (bad if bad >= 0 else first + count) - first
             rows_done += min(n, (first + done) * batch_size) - first * batch_size
             if bad >= 0:
                 if stop_on_nonfinite:
+                    if undo is not None:
+                        undo.confirm_x()  # X's unread rows could still hold NaN or infinity
                     raise _core.NonFiniteLossError(_nonfinite_message(epoch, bad, n_batches))
                 skipped += 1
                 first = bad + 1
@@ -987,6 +1049,56 @@ def _to_numpy(value: object, name: str) -> np.ndarray:
 
 
 _optimizer_class: type | None = None  # fastbp.optim.Optimizer, imported on first use (a cycle)
+
+
+class _FitUndo:
+    """What a fit changes before its first epoch has read, and checked, every row of X: kept
+    when that check is deferred into the epoch, so that a NaN or infinity found there still
+    leaves model and optimizer as the up-front check did (untouched): parameters, gradients and
+    buffers (BatchNorm's running statistics), the optimizer's state and step count, BatchNorm's
+    batch counts, dropout's stream, the train/eval modes, and a default optimizer this fit
+    created. fit defers only for an X at least _DEFER_CHECK_STATE_RATIO times these bytes, so
+    the copy costs a fraction of the scan it saves."""
+
+    __slots__ = ("_X", "_arrays", "_bn", "_created_optimizer", "_dropout", "_model", "_modes",
+                 "_state", "_step")  # fmt: skip
+
+    def __init__(
+        self, model: Sequential, state: _core.OptimizerState, X: np.ndarray, created_optimizer: bool
+    ) -> None:
+        self._model, self._state, self._X = model, state, X
+        live = (model._params, model._grads, model._buffers, *state.arrays)
+        self._arrays = [(a, a.copy()) for a in live if a is not None]
+        self._step = state.step
+        self._dropout = model._plan.dropout_state()
+        self._bn = {op: model._plan.batchnorm_batches(op) for op in model._bn_ops.values()}
+        self._modes = (model.training, [layer.training for layer in model._layers])
+        self._created_optimizer = created_optimizer
+
+    def fail(self) -> None:
+        """Restore everything and raise fit's ValueError for a non-finite X."""
+        model = self._model
+        for live, saved in self._arrays:
+            np.copyto(live, saved)
+        self._state.step = self._step
+        model._plan.set_dropout_state(*self._dropout)
+        for op, count in self._bn.items():
+            model._plan.set_batchnorm_batches(op, count)
+        training, layer_modes = self._modes
+        model.training = training
+        for layer, mode in zip(model._layers, layer_modes, strict=True):
+            layer.train(mode)
+        if self._created_optimizer:
+            model._fit_optimizer = None
+        model._last_batch = None
+        raise ValueError("X contains NaN or infinity") from None
+
+    def confirm_x(self) -> None:
+        """Before fit reports a non-finite loss in the first epoch: scan X, whose rows after
+        that batch are unread, and :meth:`fail` if it holds NaN or infinity (the error an
+        up-front check would have raised)."""
+        if not _all_finite(self._X):
+            self.fail()
 
 
 def _flat_state(optimizer: object, model: Sequential):
