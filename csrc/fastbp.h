@@ -199,6 +199,9 @@ void fbp_plan_read_profile(const fbp_plan *plan, double *op_seconds, fbp_profile
 
 /* Forward pass on x (batch, in). Keeps what backward needs; out (batch, out) may be NULL. */
 fbp_status fbp_plan_forward(fbp_plan *plan, void *out, const void *x, int64_t batch, int training);
+/* An eval-mode forward of x (batch, in) into out (batch, out), x read in place (no backward can
+ * follow an eval forward, so nothing of x is kept). check_x: as fbp_plan_evaluate's. */
+fbp_status fbp_plan_predict(fbp_plan *plan, void *out, const void *x, int64_t batch, int check_x);
 /* Backward from dL/dout (batch, out) of the last training forward: gradients accumulate into
  * grads; dx (batch, in) is written when not NULL. */
 fbp_status fbp_plan_backward(fbp_plan *plan, void *dx, const void *dy, int64_t batch);
@@ -250,9 +253,13 @@ fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seco
                                  const void *Y, int64_t n, int64_t *order, int64_t batch_size,
                                  int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind,
                                  fbp_optimizer *opt, int check_x);
-/* Eval-mode loss sum and (cross-entropy) count of correct argmax predictions over all rows. */
+/* Eval-mode loss sum and (cross-entropy) count of correct argmax predictions over all rows.
+ * check_x: X's rows are checked for NaN/inf as each batch's forward reads them; a bad one stops
+ * the call with FBP_ERR_NONFINITE_INPUT (the plan's activations are then partly overwritten,
+ * as by any evaluation; nothing else is changed). */
 fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X,
-                             const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind);
+                             const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind,
+                             int check_x);
 /* A seeded permutation of [0, n) (Fisher-Yates over a splitmix64 stream). */
 void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed);
 /* 1 when none of x[0..n) is NaN or infinite. Reads only; no allocation. */

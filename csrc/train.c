@@ -473,6 +473,11 @@ fbp_status fbp_plan_forward(fbp_plan *plan, void *out, const void *x, int64_t ba
     return DISPATCH(forward_public)(plan, out, x, batch, training);
 }
 
+fbp_status fbp_plan_predict(fbp_plan *plan, void *out, const void *x, int64_t batch, int check_x) {
+    if (!plan || !out || !x || batch <= 0 || !plan->params) return FBP_ERR_INVALID;
+    return DISPATCH(predict)(plan, out, x, batch, check_x);
+}
+
 fbp_status fbp_plan_backward(fbp_plan *plan, void *dx, const void *dy, int64_t batch) {
     if (!plan || !dy || batch <= 0 || !plan->grads) return FBP_ERR_INVALID;
     if (plan->last_batch != batch || !plan->last_training) return FBP_ERR_STATE;
@@ -557,10 +562,15 @@ fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seco
 }
 
 fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X,
-                             const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind) {
+                             const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind,
+                             int check_x) {
     if (!plan || !loss_sum || !correct || !X || !Y || n <= 0 || batch_size <= 0 || !plan->params)
         return FBP_ERR_INVALID;
-    return DISPATCH(evaluate)(plan, loss_sum, correct, X, Y, n, batch_size, loss_kind);
+    plan->check_input = check_x;
+    const fbp_status st =
+        DISPATCH(evaluate)(plan, loss_sum, correct, X, Y, n, batch_size, loss_kind);
+    plan->check_input = 0;
+    return st;
 }
 
 #else /* FBP_TRAIN_PASS: the body, once per dtype */
@@ -663,8 +673,10 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
         REAL *y = plan->outs[i];
         const int64_t in = op->in_features, out = op->out_features, size = rows * out;
         fbp_status st = FBP_OK;
-        if (i == 0 && batch_finite < 0 && op->kind != FBP_OP_LINEAR)
+        if (i == 0 && batch_finite < 0 && op->kind != FBP_OP_LINEAR) {
             batch_finite = FBP_CAT(fbp_all_finite_, SFX)(x, rows * in);
+            if (!batch_finite) return FBP_ERR_NONFINITE_INPUT; /* before op 0 changes a thing */
+        }
         switch (op->kind) {
         case FBP_OP_LINEAR:
             /* y = act(x @ W.T + b): B' = W.T is W read with strides (1, in). */
@@ -708,8 +720,7 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
             break;
         }
         if (st != FBP_OK) return st;
-        /* a bad batch stops here: what ran of this forward (BatchNorm's running statistics, a
-         * dropout draw) is for the caller to undo, as it undoes the steps before */
+        /* a bad batch stops after the first Linear, which only wrote its output */
         if (!batch_finite) return FBP_ERR_NONFINITE_INPUT;
         plan->cur_out[i] = y;
         profile_lap(plan, op_slot(plan, i, FBP_PROFILE_FORWARD), &t);
@@ -1128,6 +1139,21 @@ static fbp_status TFN(train_batches)(fbp_plan *plan, double *loss_sum, int64_t *
     const fbp_status st = TFN(train_batch_range)(plan, loss_sum, bad_batch, X, Y, n, order,
                                                  batch_size, first, count, kind, opt);
     plan->check_input = 0;
+    TFN(release_batch)(plan);
+    return st;
+}
+
+static fbp_status TFN(predict)(fbp_plan *plan, void *out, const void *x, int64_t rows,
+                               int check_x) {
+    fbp_status st = reserve(plan, rows);
+    if (st != FBP_OK) return st;
+    plan->batch = x;
+    plan->check_input = check_x;
+    st = TFN(forward)(plan, rows, 0);
+    plan->check_input = 0;
+    if (st == FBP_OK)
+        memcpy(out, plan->cur_out[plan->n_ops - 1],
+               (size_t)(rows * plan->out_features) * sizeof(REAL));
     TFN(release_batch)(plan);
     return st;
 }

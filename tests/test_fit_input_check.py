@@ -341,3 +341,64 @@ def test_first_product_finds_every_position(
                           shuffle=shuffle, seed=0)  # fmt: skip
             assert id(bad) not in deferred, (row, col, shuffle)  # not by a NaN loss and a scan
             assert snapshot(model, opt) == before, (row, col, shuffle)
+
+
+# ---- predict and evaluate: the same check in their forwards (nothing to undo) ----------------
+
+
+def eval_models(dtype):
+    """A Linear first (the product checks; a packed-size and a direct-size one) and a
+    BatchNorm first (a pass of its own, before it runs)."""
+    fastbp.manual_seed(1)
+    return {
+        "linear": fastbp.MLP([300, 64, 4], dtype=dtype, seed=0),
+        "tiny-linear": fastbp.MLP([300, 1, 4], dtype=dtype, seed=0),
+        "batchnorm-first": fastbp.Sequential(
+            fastbp.BatchNorm1d(300, dtype=dtype), fastbp.Linear(300, 4, dtype=dtype)
+        ),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_predict_and_evaluate_check_x_in_their_forwards(scans, isa, dtype, threads):
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((500, 300)).astype(dtype)
+    y = rng.integers(0, 4, 500)
+    for name, model in eval_models(dtype).items():
+        model.fit(X, y, loss="cross_entropy", batch_size=50, shuffle=False)  # BN statistics
+        with using_threads(threads):
+            expected = model.predict(X, batch_size=128)
+            model.eval()
+            assert model.forward(X[:128]).tobytes() == expected[:128].tobytes(), name
+            model.train()
+        state = (model._params.tobytes(), model._buffers.tobytes(), model.training)
+        for row, col in ((0, 0), (250, 150), (499, 299)):
+            bad = X.copy()
+            bad[row, col] = np.nan if row % 2 else np.inf
+            scans.clear()
+            with using_threads(threads):
+                with pytest.raises(ValueError, match="X contains NaN"):
+                    model.predict(bad, batch_size=128)
+                with pytest.raises(ValueError, match="X contains NaN"):
+                    model.evaluate(bad, y, batch_size=128)
+                assert model.predict(X, batch_size=128).tobytes() == expected.tobytes(), name
+            assert id(bad) not in scans, name  # checked in C, not scanned up front
+            assert (model._params.tobytes(), model._buffers.tobytes(), model.training) == state
+
+
+def test_predict_scans_up_front_while_a_backward_is_pending(scans):
+    """A step-API forward awaiting its backward: predict's forwards would overwrite its
+    activations before a bad row stopped them, so X is scanned first and the backward works."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((64, 300)).astype(np.float32)
+    model = fastbp.MLP([300, 64, 4], seed=0)
+    out = model.forward(X[:16])
+    bad = X.copy()
+    bad[40, 7] = np.nan
+    for call in (lambda: model.predict(bad), lambda: model.evaluate(bad, np.zeros(64, int))):
+        with pytest.raises(ValueError, match="X contains NaN"):
+            call()
+    assert id(bad) in scans
+    grad = model.backward(np.ones_like(out))
+    assert np.isfinite(grad).all()

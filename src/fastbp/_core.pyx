@@ -107,6 +107,7 @@ cdef extern from "fastbp.h" nogil:
     void fbp_plan_set_batchnorm_batches(fbp_plan *plan, int32_t op, int64_t n)
     int fbp_plan_small_step_applies(const fbp_plan *plan, int64_t batch)
     fbp_status fbp_plan_forward(fbp_plan *plan, void *out, const void *x, int64_t batch, int training)
+    fbp_status fbp_plan_predict(fbp_plan *plan, void *out, const void *x, int64_t batch, int check_x)
     fbp_status fbp_plan_backward(fbp_plan *plan, void *dx, const void *dy, int64_t batch)
     fbp_status fbp_plan_loss(fbp_plan *plan, double *loss, void *dout, const void *target, int64_t batch, fbp_loss loss_kind)
     fbp_status fbp_plan_update(fbp_plan *plan, fbp_optimizer *opt)
@@ -115,7 +116,7 @@ cdef extern from "fastbp.h" nogil:
     fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *x, const void *target, int64_t batch, int64_t row_offset, fbp_loss loss_kind, double grad_scale, fbp_grads_ready_fn grads_ready, void *ctx)
     fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch, const void *X, const void *Y, int64_t n, const int64_t *order, int64_t batch_size, int64_t first, int64_t count, fbp_loss loss_kind, fbp_optimizer *opt, int check_x)
     fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds, int64_t *bad_epoch, int64_t *bad_batch, const void *X, const void *Y, int64_t n, int64_t *order, int64_t batch_size, int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind, fbp_optimizer *opt, int check_x)
-    fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X, const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind)
+    fbp_status fbp_plan_evaluate(fbp_plan *plan, double *loss_sum, int64_t *correct, const void *X, const void *Y, int64_t n, int64_t batch_size, fbp_loss loss_kind, int check_x)
     void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed)
     int fbp_all_finite_f32(const float *x, int64_t n)
     int fbp_all_finite_f64(const double *x, int64_t n)
@@ -135,9 +136,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class NonFiniteInputError(ValueError):
-    """fit's check of X as its first epoch reads it (``check_x``) found NaN or infinity in the
-    rows of batch ``batch`` (of epoch ``epoch``, counted within the call); that batch was not
-    trained on, the earlier ones were. Internal: fit undoes them and raises a plain ValueError."""
+    """A check of X as the C loop read it (``check_x``) found NaN or infinity: for fit, in the
+    rows of batch ``batch`` of epoch ``epoch`` (counted within the call), which was not trained
+    on while the earlier ones were; for predict and evaluate, -1. Internal: the model undoes
+    what needs undoing and raises a plain ValueError."""
 
     def __init__(self, epoch, batch):
         super().__init__("X contains NaN or infinity")
@@ -673,6 +675,19 @@ cdef class Plan:
             status = fbp_plan_forward(self.plan, op_, xp, rows, training)
         check(status, "forward")
 
+    def predict(self, x, out, bint check_x=False):
+        """Eval-mode outputs of x into out, x read in place; check_x: x is checked for NaN/inf
+        as the forward reads it, raising NonFiniteInputError."""
+        cdef const void *xp = data_ptr(x)
+        cdef void *op_ = data_ptr(out)
+        cdef int64_t rows = x.shape[0]
+        cdef fbp_status status
+        with nogil:
+            status = fbp_plan_predict(self.plan, op_, xp, rows, check_x)
+        if status == FBP_ERR_NONFINITE_INPUT:
+            raise NonFiniteInputError(0, -1)
+        check(status, "predict")
+
     def backward(self, dy, dx):
         cdef const void *dyp = data_ptr(dy)
         cdef void *dxp = data_ptr_or_null(dx)
@@ -797,7 +812,9 @@ cdef class Plan:
         check(status, "fit")
         return loss_sum, -1
 
-    def evaluate(self, X, Y, int64_t batch_size, int loss_kind):
+    def evaluate(self, X, Y, int64_t batch_size, int loss_kind, bint check_x=False):
+        """(loss sum, correct count) in eval mode; check_x: X is checked for NaN/inf as it is
+        read, raising NonFiniteInputError."""
         cdef const void *xp = data_ptr(X)
         cdef const void *yp = data_ptr(Y)
         cdef int64_t n = X.shape[0]
@@ -806,7 +823,9 @@ cdef class Plan:
         cdef fbp_status status
         with nogil:
             status = fbp_plan_evaluate(self.plan, &loss_sum, &correct, xp, yp, n, batch_size,
-                                       <fbp_loss>loss_kind)
+                                       <fbp_loss>loss_kind, check_x)
+        if status == FBP_ERR_NONFINITE_INPUT:
+            raise NonFiniteInputError(0, -1)
         check(status, "evaluate")
         return loss_sum, correct
 

@@ -894,15 +894,31 @@ class Sequential(Module):
 
     def predict(self, X: object, batch_size: int = 1024) -> np.ndarray:
         """Outputs for X in eval mode (dropout off, BatchNorm's running statistics), batch by batch."""
-        Xa = self._fit_inputs(X, "X")
+        Xa, check_x = self._eval_input(X)
         batch_size = _positive_int(batch_size, "batch_size")
         out = np.empty((Xa.shape[0], self.out_features), dtype=self.dtype)
         with self._exclusive():
-            for start in range(0, Xa.shape[0], batch_size):
-                stop = min(start + batch_size, Xa.shape[0])
-                self._plan.forward(Xa[start:stop], out[start:stop], False)
-        self._last_batch = None
+            try:
+                for start in range(0, Xa.shape[0], batch_size):
+                    stop = min(start + batch_size, Xa.shape[0])
+                    self._plan.predict(Xa[start:stop], out[start:stop], check_x)
+            except _core.NonFiniteInputError:
+                raise ValueError("X contains NaN or infinity") from None
+            finally:
+                self._last_batch = None  # the forwards overwrote the activations
         return out
+
+    def _eval_input(self, X: object) -> tuple[np.ndarray, bool]:
+        """predict's and evaluate's X, and whether their forwards are to check it for NaN/inf
+        (the first product reads every value anyway: a separate scan read X from memory once
+        more). Up front instead when a step-API forward awaits its backward, whose activations
+        a forward stopped by the check would have overwritten."""
+        Xa, unchecked = self._unscanned_input(X, "X")
+        if unchecked and self._last_batch is not None:
+            if not _all_finite(Xa):
+                raise ValueError("X contains NaN or infinity")
+            unchecked = False
+        return Xa, unchecked
 
     def evaluate(
         self, X: object, y: object, loss: object = None, batch_size: int = 1024
@@ -917,12 +933,13 @@ class Sequential(Module):
                 else "mse"
             )
         loss_obj = resolve_loss(loss)
-        Xa = self._fit_inputs(X, "X")
+        Xa, check_x = self._eval_input(X)
         return self._evaluate(
             Xa,
             self._loss_target(loss_obj, y, Xa.shape[0]),
             loss_obj,
             _positive_int(batch_size, "batch_size"),
+            check_x,
         )
 
     def _validation_logs(
@@ -932,11 +949,15 @@ class Sequential(Module):
         return {f"val_{k}": v for k, v in self._evaluate(val[0], val[1], loss_obj, 1024).items()}
 
     def _evaluate(
-        self, Xa: np.ndarray, Ya: np.ndarray, loss_obj: Loss, batch_size: int
+        self, Xa: np.ndarray, Ya: np.ndarray, loss_obj: Loss, batch_size: int, check_x: bool = False
     ) -> dict[str, float]:
         with self._exclusive():
-            loss_sum, correct = self._plan.evaluate(Xa, Ya, batch_size, loss_obj.kind)
-        self._last_batch = None
+            try:
+                loss_sum, correct = self._plan.evaluate(Xa, Ya, batch_size, loss_obj.kind, check_x)
+            except _core.NonFiniteInputError:
+                raise ValueError("X contains NaN or infinity") from None
+            finally:
+                self._last_batch = None  # the forwards overwrote the activations
         out = {"loss": loss_sum / Xa.shape[0]}
         if isinstance(loss_obj, CrossEntropyLoss):
             out["accuracy"] = correct / Xa.shape[0]
