@@ -23,7 +23,7 @@ typedef enum {
     FBP_ERR_NONFINITE = 4,   /* a training loss became NaN or infinite */
     FBP_ERR_STATE = 5,       /* called out of order (e.g. backward without a training forward) */
     FBP_ERR_INTERRUPTED = 6, /* a caller's callback asked to stop (it reports its own error) */
-    FBP_ERR_NONFINITE_INPUT = 7, /* an input batch holds NaN or infinity; it was not trained on */
+    FBP_ERR_NONFINITE_INPUT = 7, /* an input batch holds NaN or infinity (see each call) */
 } fbp_status;
 
 typedef enum {

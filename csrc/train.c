@@ -43,8 +43,9 @@ struct fbp_plan {
     char *step_inputs;
     int64_t step_rows;
     const void *batch; /* the rows the last forward read: input, or the caller's X in place */
-    /* the next training forward checks the batch for NaN/inf (fit's first epoch): in its first
-     * product when op 0 is a Linear (fbp_gemm_check_a), else in a pass of its own */
+    /* while set, each forward checks its batch for NaN/inf (fit's first epoch, predict,
+     * evaluate): in its first product when op 0 is a Linear (fbp_gemm_check_a), else in a pass
+     * of its own, and stops with FBP_ERR_NONFINITE_INPUT */
     int check_input;
     void **outs;           /* per op: capacity x out_features */
     void **masks;          /* per dropout op: capacity x width scale factors (0 or 1/(1-p)) */
