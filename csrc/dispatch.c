@@ -213,6 +213,9 @@ FBP_FORWARDERS(double, f64, active_f64)
                                       fbp_activation act, int *a_finite) {                         \
         return TABLE->gemm_check_a(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha,     \
                                    beta, act, a_finite);                                           \
+    }                                                                                              \
+    int fbp_copy_finite_##SFX(T *dst, const T *src, int64_t n) {                                   \
+        return TABLE->copy_finite(dst, src, n);                                                    \
     }
 
 FBP_INTERNAL_FORWARDERS(float, f32, active_f32)

@@ -50,7 +50,8 @@ typedef struct {
                            int64_t, int64_t, T *, double, double, int);                            \
     fbp_status (*gemm_check_a)(T *, const T *, const T *, const T *, int64_t, int64_t, int64_t,    \
                                int64_t, int64_t, int64_t, int64_t, int64_t, T, T, fbp_activation,  \
-                               int *);
+                               int *);                                                             \
+    int (*copy_finite)(T *, const T *, int64_t);
 
 typedef struct {
     FBP_TABLE_FIELDS(float)
@@ -112,6 +113,12 @@ fbp_status fbp_gemm_check_a_f64(double *c, const double *a, const double *b, con
                                 int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,
                                 int64_t rs_b, int64_t cs_b, int64_t ldc, double alpha, double beta,
                                 fbp_activation act, int *a_finite);
+
+/* dst[0..n) = src[0..n) (not overlapping); returns 0 when a value is NaN or infinite, else 1.
+ * train_step's checked copy of its batch; splits over threads for large n. Forwards to the
+ * active ISA. */
+int fbp_copy_finite_f32(float *dst, const float *src, int64_t n);
+int fbp_copy_finite_f64(double *dst, const double *src, int64_t n);
 
 /* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
  * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on

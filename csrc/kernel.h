@@ -25,6 +25,7 @@
                                     int64_t n, int64_t k, int64_t rs_a, int64_t cs_a,              \
                                     int64_t rs_b, int64_t cs_b, int64_t ldc, T alpha, T beta,      \
                                     fbp_activation act, int *a_finite);                            \
+    int fbp_copy_finite_##S(T *restrict dst, const T *restrict src, int64_t n);                    \
     fbp_status fbp_small_step_##S(const fbp_small_net *net, double *loss, int64_t rows,            \
                                   fbp_loss kind, fbp_optimizer *opt);
 #define FBP_DECLARE_ISA_KERNELS(T, S) FBP_DECLARE_ISA_KERNELS_(T, S)

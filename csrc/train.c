@@ -170,17 +170,6 @@ void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed) {
             ok = all_finite_range_##SFX(x, lo, hi);                                                \
         }                                                                                          \
         return ok;                                                                                 \
-    }                                                                                              \
-    /* memcpy of n values that also tells whether all are finite: train_step's batch copy */       \
-    static int copy_finite_##SFX(T *restrict dst, const T *restrict src, int64_t n) {              \
-        U bad = 0;                                                                                 \
-        for (int64_t i = 0; i < n; i++) {                                                          \
-            U bits;                                                                                \
-            memcpy(&bits, src + i, sizeof bits);                                                   \
-            bad |= (bits & EXP) == EXP;                                                            \
-            dst[i] = src[i];                                                                       \
-        }                                                                                          \
-        return !bad;                                                                               \
     }
 DEFINE_ALL_FINITE(f32, float, uint32_t, 0x7f800000u)
 DEFINE_ALL_FINITE(f64, double, uint64_t, 0x7ff0000000000000ull)
@@ -998,8 +987,8 @@ static fbp_status TFN(loss_public)(fbp_plan *plan, double *loss, void *dout, con
     return TFN(loss)(plan, loss, dout, target, rows, kind);
 }
 
-/* x is checked for NaN and infinity in the pass that copies it (a separate scan before it was
- * 2% of W3's train_step loop at one thread, 4% at two); see step_inputs. */
+/* x is checked for NaN and infinity in the pass that copies it (fbp_copy_finite: a separate
+ * scan before it was 2% of W3's train_step loop at one thread, 4% at two); see step_inputs. */
 static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const void *x,
                                          const void *target, int64_t rows, fbp_loss kind,
                                          fbp_optimizer *opt) {
@@ -1024,7 +1013,7 @@ static fbp_status TFN(train_step_public)(fbp_plan *plan, double *loss, const voi
             align_up((size_t)plan->step_rows * (size_t)plan->in_features * sizeof(REAL));
         REAL *first = (REAL *)plan->step_inputs, *second = (REAL *)(plan->step_inputs + half);
         REAL *free_copy = plan->batch == first ? second : first;
-        if (!FBP_CAT(copy_finite_, SFX)(free_copy, x, n)) return FBP_ERR_NONFINITE_INPUT;
+        if (!KERNEL(copy_finite)(free_copy, x, n)) return FBP_ERR_NONFINITE_INPUT;
         plan->batch = free_copy;
     }
     memcpy(plan->target, target, (size_t)rows * TFN(target_row_bytes)(plan, kind));

@@ -28,7 +28,7 @@ from fastbp import (
     Sigmoid,
     Tanh,
 )
-from tests.conftest import build_mlp, dot_error_bound, torch_equivalent
+from tests.conftest import build_mlp, dot_error_bound, torch_equivalent, using_threads
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
@@ -857,6 +857,38 @@ def _poisoned(x, value):
     out = x.copy()
     out[x.shape[0] // 2, 5] = value
     return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_train_step_copy_check_finds_every_position(isa, dtype, threads):
+    """The checked copy (fbp_copy_finite) on every ISA path, split over two threads for a large
+    batch (200 x 784 values): a NaN or infinity in the first and last value, in each thread's
+    share and in the vector tail is refused; a clean batch trains as fit's first step does."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, 787)).astype(dtype)  # 787: a tail after the whole vectors
+    y = rng.integers(0, 3, size=200)
+    n = x.size
+    for flat in (0, n // 4, n // 2 - 1, n // 2, 3 * n // 4, n - 2, n - 1):
+        with using_threads(threads):
+            model = build_mlp([787, 16, 3], ["relu"], dtype, seed=1)
+            opt = fastbp.optim.SGD(model.parameters(), lr=0.1)
+            model.train_step(x, y, "cross_entropy", opt)  # sizes the copies
+            w = model._params.copy()
+            bad = x.copy()
+            bad.reshape(-1)[flat] = np.nan if flat % 2 else -np.inf
+            with pytest.raises(ValueError, match="x contains NaN or infinity"):
+                model.train_step(bad, y, "cross_entropy", opt)
+            assert np.array_equal(model._params, w), flat
+    with using_threads(threads):
+        stepped = build_mlp([787, 16, 3], ["relu"], dtype, seed=1)
+        sopt = fastbp.optim.SGD(stepped.parameters(), lr=0.1)
+        for _ in range(2):
+            stepped.train_step(x, y, "cross_entropy", sopt)
+        fitted = build_mlp([787, 16, 3], ["relu"], dtype, seed=1)
+        fopt = fastbp.optim.SGD(fitted.parameters(), lr=0.1)
+        fitted.fit(x, y, loss="cross_entropy", optimizer=fopt, epochs=2, batch_size=200,
+                   shuffle=False)  # fmt: skip
+    assert np.array_equal(stepped._params, fitted._params)
 
 
 def test_train_step_alternates_its_batch_copies(dtype):
