@@ -550,15 +550,15 @@ cdef class OptimizerState:
     def step(self):
         return self.opt.step
 
+    @step.setter
+    def step(self, int64_t value):
+        self.opt.step = value
+
     @property
     def arrays(self):
         """The state buffers (each None when the optimizer keeps none), for a caller that
         saves and restores the state."""
         return self.state1_arr, self.state2_arr
-
-    @step.setter
-    def step(self, int64_t value):
-        self.opt.step = value
 
 
 cdef int _grads_ready(void *ctx, int32_t op) noexcept nogil:
