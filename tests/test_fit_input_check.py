@@ -294,6 +294,28 @@ def test_default_thresholds_defer_for_a_large_x(scans):
         assert model._params.tobytes() == w0
 
 
+def test_the_optimizers_state_counts_toward_the_threshold(scans):
+    """The undo copies the optimizer's buffers too: a 25 MB X is more than 8x a 256-1024-4 net's
+    parameters and gradients (2.1 MB, plain SGD: deferred) but not with Adam's two moments as
+    well (4.3 MB: scanned up front)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((24576, 256)).astype(np.float32)
+    X[0, 0] = np.nan  # the first batch: a deferred check stops at once
+    y = rng.integers(0, 4, 24576)
+    for make_opt, deferred in (
+        (lambda m: optim.SGD(m.parameters(), lr=0.1), True),
+        (lambda m: optim.Adam(m.parameters(), lr=1e-3), False),
+    ):
+        model = fastbp.MLP([256, 1024, 4], seed=0)
+        opt = make_opt(model)
+        w0 = model._params.tobytes()
+        scans.clear()
+        with pytest.raises(ValueError, match="X contains NaN"):
+            model.fit(X, y, loss="cross_entropy", optimizer=opt, batch_size=256, shuffle=False)
+        assert (id(X) in scans) == (not deferred)
+        assert model._params.tobytes() == w0
+
+
 def test_integer_x_needs_no_scan(scans):
     """Integers convert to finite floats: fit does not scan them."""
     rng = np.random.default_rng(0)

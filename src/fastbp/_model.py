@@ -46,7 +46,9 @@ _CHUNK_SECONDS = 0.02
 # checks the values it loads anyway: fbp_gemm_check_a), instead of in a pass of its own up
 # front, when X is at least this large and this many times the state it would have to restore
 # on a bad row (_FitUndo). The pass read all of X from memory for nothing the step reused
-# (Fashion-MNIST's 188 MB: 12 ms at one thread, 7 at two, 3% of a W3 epoch).
+# (Fashion-MNIST's 188 MB: 12 ms at one thread, 7 at two, 3% of a W3 epoch); the undo's copy
+# runs at about the same bytes per second on one thread (15 MB: 1.1 ms), so at 8x it costs at
+# most a quarter of the pass it saves (W4 with SGD copies 15 MB, with Adam 30: scanned).
 _DEFER_CHECK_MIN_BYTES = 4 << 20
 _DEFER_CHECK_STATE_RATIO = 8
 
@@ -610,11 +612,6 @@ class Sequential(Module):
             batch_size = n
         self._check_batchnorm_batch(min(batch_size, n % batch_size or batch_size), True)
         callbacks = list(callbacks or [])
-        # X's NaN/inf check: up front, or as the first epoch reads each batch (undone on a bad
-        # row, see _FitUndo)
-        defer_x_check = x_unchecked and self._can_defer_x_check(Xa, epochs, callbacks, comm)
-        if x_unchecked and not defer_x_check and not _all_finite(Xa):
-            raise ValueError("X contains NaN or infinity")
         created_optimizer = optimizer is None and self._fit_optimizer is None
         if optimizer is None:
             if self._fit_optimizer is None:
@@ -623,6 +620,13 @@ class Sequential(Module):
                 self._fit_optimizer = Adam(self.parameters(), lr=1e-3)
             optimizer = self._fit_optimizer
         state = _flat_state(optimizer, self)
+        # X's NaN/inf check: up front, or as the first epoch reads each batch (undone on a bad
+        # row, see _FitUndo)
+        defer_x_check = x_unchecked and self._can_defer_x_check(Xa, epochs, callbacks, comm, state)
+        if x_unchecked and not defer_x_check and not _all_finite(Xa):
+            if created_optimizer:
+                self._fit_optimizer = None  # a bad X changes nothing
+            raise ValueError("X contains NaN or infinity")
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -807,15 +811,20 @@ class Sequential(Module):
         return out, unchecked
 
     def _can_defer_x_check(
-        self, Xa: np.ndarray, epochs: int, callbacks: Sequence[object], comm: object
+        self,
+        Xa: np.ndarray,
+        epochs: int,
+        callbacks: Sequence[object],
+        comm: object,
+        state: _core.OptimizerState,
     ) -> bool:
         """Whether fit may check X as its first epoch reads it, undoing that epoch's steps on
         a bad row (_FitUndo), instead of in a pass of its own first: for an X much larger than
         what the undo copies (the copy must cost less than the pass it saves), when nothing
         sees the steps before the epoch ends (batch callbacks do) and nothing the undo cannot
         restore is lost (a step-API forward awaiting its backward; a distributed fit's peers)."""
-        # parameters, gradients and at most two optimizer buffers of the parameters' size
-        state_bytes = 4 * self._params.nbytes + self._buffers.nbytes
+        state_bytes = self._params.nbytes + self._grads.nbytes + self._buffers.nbytes
+        state_bytes += sum(a.nbytes for a in state.arrays if a is not None)
         return (
             comm is None
             and epochs > 0
@@ -1078,8 +1087,7 @@ class _FitUndo:
     leaves model and optimizer as the up-front check did (untouched): parameters, gradients and
     buffers (BatchNorm's running statistics), the optimizer's state and step count, BatchNorm's
     batch counts, dropout's stream, the train/eval modes, and a default optimizer this fit
-    created. fit defers only for an X at least _DEFER_CHECK_STATE_RATIO times these bytes, so
-    the copy costs a fraction of the scan it saves."""
+    created. fit defers only for an X at least _DEFER_CHECK_STATE_RATIO times these bytes."""
 
     __slots__ = ("_X", "_arrays", "_bn", "_created_optimizer", "_dropout", "_model", "_modes",
                  "_state", "_step")  # fmt: skip
