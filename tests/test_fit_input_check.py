@@ -9,7 +9,8 @@ dropout's stream, train/eval modes), so that the next fit gives the same bits as
 one had never been called.
 
 The size thresholds are lowered here (``deferred`` fixture) so that small, fast models take the
-deferred path; one test checks the real thresholds on a 4 MiB X.
+deferred path; two tests check the real ones (a 4 MiB X; a 25 MB X with SGD and with Adam).
+predict and evaluate check X in their forwards too, with nothing to undo (the last section).
 """
 
 from __future__ import annotations
