@@ -68,29 +68,25 @@ fbp_status KFN(activation_forward)(REAL *y, const REAL *x, int64_t n, fbp_activa
     return FBP_OK;
 }
 
-/* dst = src over n values; 0 when one of them is NaN or infinite (x * 0 is 0 for the others,
- * so the sums stay 0), else 1. */
+/* dst = src over n values; 0 when one of them is NaN or infinite (finite_acc), else 1. */
 static int LFN(copy_finite_range)(REAL *restrict dst, const REAL *restrict src, int64_t n) {
     const VEC zero = V_(vbcast)(0);
     VEC s0 = zero, s1 = zero;
     int64_t i = 0;
     for (; i + 2 * VL <= n; i += 2 * VL) {
         const VEC a = V_(vload)(src + i), b = V_(vload)(src + i + VL);
-        s0 += a * zero;
-        s1 += b * zero;
+        s0 = LFN(finite_acc)(s0, a);
+        s1 = LFN(finite_acc)(s1, b);
         V_(vstore)(dst + i, a);
         V_(vstore)(dst + i + VL, b);
     }
     for (; i < n; i += VL) {
         const int64_t cnt = n - i < VL ? n - i : VL;
         const VEC a = V_(vload_n)(src + i, cnt);
-        s0 += a * zero;
+        s0 = LFN(finite_acc)(s0, a);
         V_(vstore_n)(dst + i, a, cnt);
     }
-    const VEC s = s0 + s1;
-    for (int64_t l = 0; l < VL; l++)
-        if (s[l] != 0) return 0;
-    return 1;
+    return LFN(acc_finite)(s0 + s1);
 }
 
 /* train_step's copy of its batch, checked as it is made: a batch from memory is copied at the
