@@ -73,6 +73,25 @@ def test_quick_report_writes_table_and_chart(tmp_path: pathlib.Path) -> None:
             assert all(op["forward_us"] > 0 and op["grad_weights_us"] > 0 for op in profile["ops"])
         else:  # W1, W2: the fused small-network step
             assert profile["fused_step_us"] > 0 and profile["ops"][0]["forward_us"] is None
+        # the step's matrix products alone: W3's (W1's and W2's are too small to time)
+        products = row["products"]
+        if not row["workload"].startswith("W3"):
+            assert products is None, row["workload"]
+            continue
+        assert products["network"] == "784-256-128-10, batch 128"
+        assert [p["name"] for p in products["products"]] == [
+            "L1 forward", "L1 weight gradient", "L2 forward", "L2 weight gradient",
+            "L2 input gradient", "L3 forward", "L3 weight gradient", "L3 input gradient",
+        ]  # fmt: skip
+        assert "fastbp" in products["contenders"]
+        for p in products["products"]:
+            assert set(p["us"]) == set(products["contenders"]) and min(p["us"].values()) > 0
+            assert p["us"][p["fastest"]] == min(p["us"].values())
+        best = products["best_workload_seconds"]
+        assert 0 < best <= min(products["workload_seconds"].values())
+        assert products["fit_over_best"] == pytest.approx(row["runs"]["fastbp"]["median"] / best)
+    assert "## Matrix products alone" in table
+    assert "| 784-256-128-10, batch 128, 1 thread | L1 forward | 128x256x784 |" in table
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -112,3 +131,84 @@ def test_parallel_runs_wait_for_idle_thread_pools(monkeypatch, threads, min_flop
     assert timed >= 2  # fastbp and at least one peer ran
     assert row.profile is not None
     assert len(calls) == (timed + 1 if expected == "every run" else 0)
+
+
+def test_step_products_are_the_steps_gemms() -> None:
+    """A layer's forward and weight gradient, and its input gradient for all but the first,
+    in torch's weight layout; their flops are the step's (workloads.step_flops)."""
+    from fastbp.bench.products import Product, step_products
+    from fastbp.bench.workloads import step_flops
+
+    got = step_products((784, 256, 10), 128)
+    assert got == [
+        Product("L1 forward", 128, 256, 784, trans_b=True),
+        Product("L1 weight gradient", 256, 784, 128, trans_a=True),
+        Product("L2 forward", 128, 10, 256, trans_b=True),
+        Product("L2 weight gradient", 10, 256, 128, trans_a=True),
+        Product("L2 input gradient", 128, 256, 10),
+    ]
+    for sizes, batch in [((784, 256, 128, 10), 128), ((784, 1024, 1024, 10), 256), ((3, 1), 7)]:
+        assert sum(p.flops for p in step_products(sizes, batch)) == step_flops(sizes, batch)
+    for sizes, batch in [((784,), 128), ((784, 10), 0), ((784, 0, 10), 128)]:
+        with pytest.raises(ValueError):
+            step_products(sizes, batch)
+
+
+def test_time_products_times_each_gemm_and_keeps_the_fastest() -> None:
+    """Every requested contender gets a positive time per product (odd shapes, both
+    transposes), the fastest per product is the minimum, and the step's best is their sum."""
+    from fastbp.bench.products import Product, time_products
+
+    products = [Product("a", 7, 33, 5, trans_b=True), Product("b", 33, 7, 257, trans_a=True)]
+    contenders = ("fastbp", "numpy")
+    timed = time_products(products, contenders, rounds=3, round_seconds=1e-4)
+    assert set(timed.seconds) == set(contenders)
+    for c in contenders:
+        assert len(timed.seconds[c]) == 2 and min(timed.seconds[c]) > 0
+        assert timed.per_step(c) == pytest.approx(sum(timed.seconds[c]))
+    for i in range(2):
+        assert timed.seconds[timed.fastest(i)][i] == min(t[i] for t in timed.seconds.values())
+    assert timed.best_per_step() == pytest.approx(
+        sum(min(t[i] for t in timed.seconds.values()) for i in range(2))
+    )
+    # with settle (more than one thread): each contender's rounds back to back, after a settle
+    settles = []
+    timed = time_products(products, contenders, 2, 1e-4, settle=lambda: settles.append(1))
+    assert len(settles) == len(products) * len(contenders)
+    assert all(min(timed.seconds[c]) > 0 for c in contenders)
+    with pytest.raises(ValueError, match="contenders"):
+        time_products(products, ("fastbp", "cublas"))
+    with pytest.raises(ValueError, match="rounds"):
+        time_products(products, rounds=0)
+
+
+def test_a_wrong_gemm_is_not_timed(monkeypatch) -> None:
+    """A contender whose product is off by more than float32 rounding stops the timing."""
+    from fastbp.bench import products as prod
+
+    real = prod.ops.gemm
+
+    def slightly_wrong(a, b, **kw):
+        out = real(a, b, **kw)
+        out[0, 0] += 1e-4  # the bound for k = 3 terms in [-1, 1]: under 3 * 3 * 2^-24 = 5e-7
+        return out
+
+    monkeypatch.setattr(prod.ops, "gemm", slightly_wrong)
+    with pytest.raises(RuntimeError, match="outside float rounding"):
+        prod.time_products([prod.Product("a", 9, 9, 3)], ("fastbp",), rounds=1)
+
+
+@pytest.mark.parametrize(
+    "blas,expected",
+    [
+        ([2, 2], ("fastbp", "numpy", "torch")),
+        ([2, 4], ("fastbp", "torch")),
+        ([], ("fastbp", "torch")),
+        ("not limited (threadpoolctl is not installed)", ("fastbp", "torch")),
+    ],
+)
+def test_numpy_gemm_is_timed_only_when_held_to_the_thread_count(blas, expected) -> None:
+    """NumPy's BLAS would use every core unless threadpoolctl holds it to the row's count."""
+    from fastbp.bench import report
+
+    assert report._gemm_contenders({"fastbp": 2, "torch": 2, "numpy_blas": blas}, 2) == expected

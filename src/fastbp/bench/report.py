@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .machine import DISTURBED_FOREIGN_FRAC, cpu_load, cpu_sample, machine_summary, thread_limits
+from .products import GEMM_CONTENDERS, step_products, time_products
 from .workloads import (
     CONTENDERS,
     WORKLOADS,
@@ -33,6 +34,7 @@ from .workloads import (
     prepare,
     profile_fit,
     scaled,
+    step_flops,
     unavailable_reason,
 )
 
@@ -79,6 +81,8 @@ class BenchRow:
     #: fastbp fit's per-op times from one more, profiled, run (see _profile_row); None when
     #: fastbp did not complete its rounds
     profile: dict[str, object] | None = None
+    #: the step's matrix products timed alone (see _products_row); None for a tiny network
+    products: dict[str, object] | None = None
 
     @property
     def name(self) -> str:
@@ -148,8 +152,10 @@ def run_suite(
     for n in threads:
         with thread_limits(n) as eff:
             effective[n] = eff
+            gemms = _gemm_contenders(eff, n)
+            products: dict[tuple, dict[str, object]] = {}  # W3's SGD and Adam rows share one
             for key in keys:
-                rows.append(_run_workload(key, n, repeat, scale, log))
+                rows.append(_run_workload(key, n, repeat, scale, log, gemms, products))
     return Suite(
         machine=machine_summary(),
         mode=mode,
@@ -180,7 +186,64 @@ def _settle() -> None:
         pass
 
 
-def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> BenchRow:
+# The step's products are timed alone (fastbp.bench.products) for networks whose step is at least
+# this many flops (W3: 1.3e8, W4: 2.5e9; W1 and W2, a few hundred, are all overhead), in this
+# many interleaved rounds (the smoke size: a few).
+_PRODUCTS_MIN_STEP_FLOPS = 1e7
+_PRODUCTS_ROUNDS = {"full": 9, "ci": 5, "smoke": 2}
+
+
+def _gemm_contenders(effective: dict[str, object], n: int) -> tuple[str, ...]:
+    """The GEMMs the products are timed with at ``n`` threads: NumPy's only when its BLAS is
+    held to ``n`` threads (threadpoolctl), else it would run on every core."""
+    blas = effective.get("numpy_blas")
+    numpy_held = isinstance(blas, list) and bool(blas) and all(t == n for t in blas)
+    return tuple(c for c in GEMM_CONTENDERS if c != "numpy" or numpy_held)
+
+
+def _products_row(
+    workload, threads: int, scale: str, gemms: Sequence[str], fit_seconds: float | None
+):
+    """The workload's products alone, for the whole workload (samples / batch steps)."""
+    timed = time_products(
+        step_products(workload.sizes, workload.batch_size),
+        gemms,
+        _PRODUCTS_ROUNDS[scale],
+        settle=_settle if threads > 1 else None,
+    )
+    steps = workload.samples / workload.batch_size
+    per_step = {c: timed.per_step(c) for c in timed.seconds}
+    best = timed.best_per_step()
+    return {
+        "network": "-".join(map(str, workload.sizes)) + f", batch {workload.batch_size}",
+        "contenders": [c for c, t in timed.seconds.items() if t is not None],
+        "products": [
+            {
+                "name": p.name,
+                "shape": p.shape,
+                "flops": p.flops,
+                "us": {c: t[i] * 1e6 for c, t in timed.seconds.items() if t is not None},
+                "fastest": timed.fastest(i),
+            }
+            for i, p in enumerate(timed.products)
+        ],
+        "per_step_us": {c: v * 1e6 for c, v in per_step.items() if v is not None},
+        "best_per_step_us": best * 1e6,
+        "workload_seconds": {c: v * steps for c, v in per_step.items() if v is not None},
+        "best_workload_seconds": best * steps,
+        "fit_over_best": fit_seconds / (best * steps) if fit_seconds else None,
+    }
+
+
+def _run_workload(
+    key: str,
+    threads: int,
+    repeat: int,
+    scale: str,
+    log,
+    gemms: Sequence[str] = ("fastbp", "torch"),
+    product_cache: dict[tuple, dict[str, object]] | None = None,
+) -> BenchRow:
     workload = scaled(WORKLOADS[key], scale)
     problem = make_problem(workload)
     runs = {c: ContenderRun(skipped=unavailable_reason(c, workload)) for c in CONTENDERS}
@@ -222,6 +285,25 @@ def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> Bench
             profile = _profile_row(profile_fit(problem))
         except Exception as exc:  # the report still has the timed rounds
             log(f"    profile failed: {type(exc).__name__}: {exc}")
+    products = None
+    if len(workload.sizes) > 2 and (
+        step_flops(workload.sizes, workload.batch_size) >= _PRODUCTS_MIN_STEP_FLOPS
+    ):
+        cache_key = (workload.sizes, workload.batch_size, workload.samples, tuple(gemms))
+        cached = product_cache.get(cache_key) if product_cache is not None else None
+        try:
+            products = cached or _products_row(
+                workload, threads, scale, gemms, runs[REFERENCE].median
+            )
+        except Exception as exc:
+            log(f"    products failed: {type(exc).__name__}: {exc}")
+        else:
+            if cached:  # the same products; this row's own fit
+                fit = runs[REFERENCE].median
+                best = cached["best_workload_seconds"]
+                products = {**cached, "fit_over_best": fit / best if fit else None}
+            elif product_cache is not None:
+                product_cache[cache_key] = products
     row = BenchRow(
         workload=key,
         threads=threads,
@@ -233,6 +315,7 @@ def _run_workload(key: str, threads: int, repeat: int, scale: str, log) -> Bench
         runs=runs,
         load=cpu_load(before, cpu_sample()),
         profile=profile,
+        products=products,
     )
     for c, run in runs.items():
         if run.median is not None:
@@ -404,6 +487,7 @@ def write_markdown(suite: Suite, path: pathlib.Path) -> None:
             rest += [("batch copy", p["batch_us"]), ("fused step", p["fused_step_us"])]
             cells = ", ".join(f"{name} {_us(v)}" for name, v in rest if v)
             lines.append(f"| {row.name} | per call: {cells} | | | |")
+    lines += _products_markdown(suite)
     lines += ["", "## Workloads", ""]
     seen = set()
     for row in suite.rows:
@@ -436,6 +520,64 @@ def write_markdown(suite: Suite, path: pathlib.Path) -> None:
             )
         lines += [f"- FAILED {f}" for f in suite.failed]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _products_markdown(suite: Suite) -> list[str]:
+    """The "Matrix products alone" section: per benchmark, the workload's products at each
+    GEMM's speed and at the fastest one's for each shape, against fastbp's fit; then each
+    product, once per network shape and thread count."""
+    rows = [row for row in suite.rows if row.products]
+    if not rows:
+        return []
+    gemms = [c for c in GEMM_CONTENDERS if any(c in r.products["contenders"] for r in rows)]
+    lines = [
+        "",
+        "## Matrix products alone",
+        "",
+        "Each GEMM of a training step (every Linear's forward and weight gradient, the input "
+        "gradient of all but the first) timed alone, on 64-byte aligned operands that stay in "
+        "cache between calls, with each library's GEMM; *fastest* keeps the fastest library "
+        "for each shape. Times are for the whole workload (samples / batch steps), like the "
+        "first table's: a fit can only take less than *fastest* with a faster matrix product "
+        "than any of these libraries has here, before the activations, loss, update and the "
+        "batch's trip from memory add theirs.",
+        "",
+    ]
+    head = ["benchmark", "fastbp (fit)"]
+    head += [f"{c} GEMMs" for c in gemms] + ["fastest", "fit / fastest"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        p = row.products
+        fit = row.runs[REFERENCE].median
+        cells = [row.name, _fmt_time(fit) if fit else "-"]
+        cells += [
+            _fmt_time(p["workload_seconds"][c]) if c in p["workload_seconds"] else "-"
+            for c in gemms
+        ]
+        ratio = p["fit_over_best"]
+        cells += [_fmt_time(p["best_workload_seconds"]), f"{ratio:.2f}" if ratio else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "µs per call (GFLOP/s of the fastest):",
+        "",
+        "| network | product | m x n x k | " + " | ".join(gemms) + " | fastest |",
+        "|---|---|---|" + "---|" * len(gemms) + "---|",
+    ]
+    shown = set()
+    for row in rows:
+        network = f"{row.products['network']}, {row.threads} thread{'s' if row.threads > 1 else ''}"
+        if network in shown:  # W3's SGD and Adam rows: the same products
+            continue
+        shown.add(network)
+        for prod in row.products["products"]:
+            us = prod["us"]
+            best = us[prod["fastest"]]
+            cells = [network, prod["name"], prod["shape"]]
+            cells += [f"{us[c]:.1f}" if c in us else "-" for c in gemms]
+            cells.append(f"{prod['fastest']} ({prod['flops'] / best / 1e3:.0f})")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_chart(suite: Suite, path: pathlib.Path) -> str | None:
