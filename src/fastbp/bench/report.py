@@ -28,6 +28,7 @@ from .workloads import (
     CONTENDERS,
     WORKLOADS,
     Unavailable,
+    Workload,
     WrongResult,
     check,
     make_problem,
@@ -188,7 +189,7 @@ def _settle() -> None:
 
 # The step's products are timed alone (fastbp.bench.products) for networks whose step is at least
 # this many flops (W3: 1.3e8, W4: 2.5e9; W1 and W2, a few hundred, are all overhead), in this
-# many interleaved rounds (the smoke size: a few).
+# many rounds per product (the smoke size: a few).
 _PRODUCTS_MIN_STEP_FLOPS = 1e7
 _PRODUCTS_ROUNDS = {"full": 9, "ci": 5, "smoke": 2}
 
@@ -201,9 +202,7 @@ def _gemm_contenders(effective: dict[str, object], n: int) -> tuple[str, ...]:
     return tuple(c for c in GEMM_CONTENDERS if c != "numpy" or numpy_held)
 
 
-def _products_row(
-    workload, threads: int, scale: str, gemms: Sequence[str], fit_seconds: float | None
-):
+def _products_row(workload: Workload, threads: int, scale: str, gemms: Sequence[str]):
     """The workload's products alone, for the whole workload (samples / batch steps)."""
     timed = time_products(
         step_products(workload.sizes, workload.batch_size),
@@ -231,7 +230,6 @@ def _products_row(
         "best_per_step_us": best * 1e6,
         "workload_seconds": {c: v * steps for c, v in per_step.items() if v is not None},
         "best_workload_seconds": best * steps,
-        "fit_over_best": fit_seconds / (best * steps) if fit_seconds else None,
     }
 
 
@@ -290,20 +288,19 @@ def _run_workload(
         step_flops(workload.sizes, workload.batch_size) >= _PRODUCTS_MIN_STEP_FLOPS
     ):
         cache_key = (workload.sizes, workload.batch_size, workload.samples, tuple(gemms))
-        cached = product_cache.get(cache_key) if product_cache is not None else None
-        try:
-            products = cached or _products_row(
-                workload, threads, scale, gemms, runs[REFERENCE].median
-            )
-        except Exception as exc:
-            log(f"    products failed: {type(exc).__name__}: {exc}")
-        else:
-            if cached:  # the same products; this row's own fit
-                fit = runs[REFERENCE].median
-                best = cached["best_workload_seconds"]
-                products = {**cached, "fit_over_best": fit / best if fit else None}
-            elif product_cache is not None:
-                product_cache[cache_key] = products
+        timed = product_cache.get(cache_key) if product_cache is not None else None
+        if timed is None:
+            try:
+                timed = _products_row(workload, threads, scale, gemms)
+            except Exception as exc:  # the report still has the timed rounds
+                log(f"    products failed: {type(exc).__name__}: {exc}")
+            else:
+                if product_cache is not None:
+                    product_cache[cache_key] = timed
+        if timed is not None:  # against this row's own fit
+            fit = runs[REFERENCE].median
+            best = timed["best_workload_seconds"]
+            products = {**timed, "fit_over_best": fit / best if fit else None}
     row = BenchRow(
         workload=key,
         threads=threads,
