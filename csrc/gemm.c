@@ -18,33 +18,27 @@
  *   MR x NR : register tile (MR broadcasts of A times NV vectors of B; MR*NV accumulators).
  *   KC      : depth of a packed panel. With GEMM_A_OUTER = 0 a KC x NR sliver of B stays in
  *             L1, MC x KC of A in L2 and KC x NC of B in L3; with GEMM_A_OUTER = 1 an MR x KC
- *             sliver of A stays in L1 and KC x NC of B in L2. */
+ *             sliver of A stays in L1 and KC x NC of B in L2.
+ *   MC      : rows of A packed at a time. With GEMM_A_OUTER = 1 one sliver (MR), packed right
+ *             before its tiles, leaves the L2 to the B panel. */
 #if defined(FBP_BUILD_AVX512)
 /* 32 zmm registers: 12 x 2 accumulators + 2 B vectors + 1 broadcast. A 12 x 32 tile's B sliver
  * (KC x 32) alone would fill a 48 KiB L1, so the small A sliver is the one kept there
  * (GEMM_A_OUTER) and the B panel (KC x NC, 1.5 MB) is sized for L2: 1024^3 173 -> 191 GFLOP/s on
  * a Sapphire Rapids core. NC = 1024, not 768: each extra panel packs all of A again, and
  * n = 784 (W3's and W4's first-layer weight gradients) split as 768 + 16 did it for 16
- * columns; 1024^3 192 -> 205 GFLOP/s, W4's epoch 3.34 -> 3.18 s (interleaved A/B pairs). */
+ * columns; 1024^3 192 -> 205 GFLOP/s, W4's epoch 3.34 -> 3.18 s (interleaved A/B pairs).
+ * MC = MR, not 480: a 480-row A block (660 KB at 1024^3's KC) packed ahead of its tiles shared
+ * the L2 with the 1.4 MB B panel; 1024^3 1.3-2.9% faster at one thread and 1.6-3.3% at two,
+ * 2048^3 1.4%, float64 1024^3 0.6-1.5%; 24 and 48 rows gained less; W3's and W4's epochs level
+ * (C harness and interleaved fits). */
 enum { GEMM_A_OUTER = 1 };
-enum {
-    GEMM_MR_f32 = 12,
-    GEMM_NV_f32 = 2,
-    GEMM_MC_f32 = 480,
-    GEMM_KC_f32 = 384,
-    GEMM_NC_f32 = 1024
-};
+enum { GEMM_MR_f32 = 12, GEMM_NV_f32 = 2, GEMM_MC_f32 = 12, GEMM_KC_f32 = 384, GEMM_NC_f32 = 1024 };
 /* float64: the same bytes as float32's (an 18 KiB A sliver, a 1.5 MB B panel), so half the K
  * depth. It was KC 256 x NC 512 (1 MB): 1024^3 81-87 -> 88-95 GFLOP/s, 256 x 1024 x 1024
  * 78-84 -> 85-94 over interleaved rounds; a product of k in (192, 256] now takes two K blocks
  * (128 x 128 x 256: 114 -> 109). */
-enum {
-    GEMM_MR_f64 = 12,
-    GEMM_NV_f64 = 2,
-    GEMM_MC_f64 = 240,
-    GEMM_KC_f64 = 192,
-    GEMM_NC_f64 = 1024
-};
+enum { GEMM_MR_f64 = 12, GEMM_NV_f64 = 2, GEMM_MC_f64 = 12, GEMM_KC_f64 = 192, GEMM_NC_f64 = 1024 };
 #elif defined(FBP_BUILD_AVX2)
 /* 16 ymm registers: 6 x 2 accumulators + 2 B vectors + 1 broadcast. The B sliver (KC x 16, 24 KiB)
  * stays in L1 while A slivers stream from the L2-resident A block. */
@@ -711,11 +705,13 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                          * ahead, at one line per prefetch, overlaps those transfers (W3's
                          * 128 x 128 x 256 forward at 2 threads, its A written by the other core:
                          * 37 -> 32 us). Not on one thread: an A in this core's L2 gains nothing and
-                         * paid 2-5% for the extra instructions. */
-                        for (int64_t ahead = o == 0 ? 0 : 1;
+                         * paid 2-5% for the extra instructions. The next sliver may start the next
+                         * MC block (one sliver each, with GEMM_A_OUTER); a full one is read in
+                         * place. */
+                        for (int64_t ahead = ic == 0 && o == 0 ? 0 : 1;
                              GEMM_A_OUTER && fetch_a && direct_a && ahead <= 1; ahead++) {
                             const int64_t i1 = ic + (o + ahead) * MR;
-                            if (o + ahead < outer_n && (o + ahead + 1) * MR <= mc)
+                            if (i1 + MR <= m)
                                 LFN(prefetch_sliver)(a + i1 * rs_a + pc, rs_a, MR, kc);
                         }
                         for (int64_t u = 0; u < inner_n; u++) {
