@@ -182,6 +182,19 @@ def test_time_products_times_each_gemm_and_keeps_the_fastest() -> None:
         time_products(products, rounds=0)
 
 
+def test_a_contender_not_installed_is_left_out(monkeypatch) -> None:
+    """Without torch its GEMM has no times, and the fastest per product is among the rest."""
+    import sys
+
+    from fastbp.bench.products import Product, time_products
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    timed = time_products([Product("a", 7, 9, 5)], ("fastbp", "torch"), rounds=1)
+    assert timed.seconds["torch"] is None and timed.per_step("torch") is None
+    assert timed.fastest(0) == "fastbp"
+    assert timed.best_per_step() == timed.per_step("fastbp") > 0
+
+
 def test_a_wrong_gemm_is_not_timed(monkeypatch) -> None:
     """A contender whose product is off by more than float32 rounding stops the timing."""
     from fastbp.bench import products as prod
