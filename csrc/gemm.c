@@ -797,7 +797,12 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
     /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
     const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
     const int64_t row_load = (row_parts + nthreads - 1) / nthreads * col_parts;
-    const int by_cols = col_parts >= nthreads && (col_load <= row_load || dact);
+    /* On a tie, columns, except for the SGD epilogue: its rows are a layer's weight rows, the
+     * output columns the next forward splits, so a row split leaves each thread the weights it
+     * updated (and a contiguous block of them). W4's 1024 x 1024 x 256 weight gradient at 2
+     * threads: 2014 -> 1772 us, the epoch 2.9-3.8% faster (interleaved fits; W3 has no tie). */
+    const int by_cols =
+        col_parts >= nthreads && (col_load < row_load || (col_load == row_load && !sgd) || dact);
     /* the backward epilogue's column sums run down whole columns: never a row split */
     if (dact && !by_cols) nthreads = 1;
     const int64_t parts = by_cols ? col_parts : row_parts;
