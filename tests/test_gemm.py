@@ -190,7 +190,7 @@ BLOCKED = [
     (257, 257, 33),
     (33, 300, 33),  # crosses KC = 256
     (7, 513, 17),  # three K blocks
-    (150, 40, 37),  # crosses MC = 144 (f32 avx2) and 128/72/64 of the others
+    (150, 40, 37),  # crosses MC: 144 (f32 avx2), 128/72/64 (the others), 12 (avx512: MR)
     (150, 513, 40),  # M and K blocks together
     (3, 5, 4100),  # crosses NC = 4080 (avx2) / 4096 (generic)
     (2, 300, 4100),  # N and K blocks together
