@@ -116,11 +116,11 @@ def _gemm_calls(p: Product, a: np.ndarray, b: np.ndarray, c: np.ndarray):
     return calls
 
 
-def _check(p: Product, who: str, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
-    """c must be op(a) @ op(b) within rounding: a sum of k products computed in c's precision
-    errs by at most gamma_k = k u / (1 - k u) times the sum of its |terms| (u: the unit
-    roundoff, 2^-24 for float32; Higham's bound for any summation order, FMA or not), and the
-    float64 reference by gamma_k for u = 2^-53."""
+def _reference(p: Product, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """op(a) @ op(b) in float64, and the bound on a correct result's distance from it: a sum of
+    k products computed in a's precision errs by at most gamma_k = k u / (1 - k u) times the
+    sum of its |terms| (u: the unit roundoff, 2^-24 for float32; Higham's bound for any
+    summation order, FMA or not), and the float64 reference by gamma_k for u = 2^-53."""
     a64 = (a.T if p.trans_a else a).astype(np.float64)
     b64 = (b.T if p.trans_b else b).astype(np.float64)
 
@@ -128,9 +128,14 @@ def _check(p: Product, who: str, a: np.ndarray, b: np.ndarray, c: np.ndarray) ->
         u = float(np.finfo(dtype).eps) / 2
         return p.k * u / (1 - p.k * u)
 
-    bound = (gamma(c.dtype.type) + gamma(np.float64)) * (np.abs(a64) @ np.abs(b64))
-    err = np.abs(c - a64 @ b64)
-    if not np.all(err <= bound):
+    bound = (gamma(a.dtype.type) + gamma(np.float64)) * (np.abs(a64) @ np.abs(b64))
+    return a64 @ b64, bound
+
+
+def _check(p: Product, who: str, c: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> None:
+    """c must lie within the bound of the float64 reference (see _reference)."""
+    ref, bound = reference
+    if not np.all(np.abs(c - ref) <= bound):
         raise RuntimeError(f"{who}'s GEMM for {p.name} ({p.shape}) is outside float rounding")
 
 
@@ -182,6 +187,7 @@ def time_products(
     for p in products:
         a, b, c = _operands(p, dt, rng)
         calls = _gemm_calls(p, a, b, c)
+        reference = _reference(p, a, b)
         live = {}
         for who in contenders:
             call = calls[who]
@@ -190,7 +196,7 @@ def time_products(
                 continue
             c[...] = np.nan
             call()  # also warms the operands and the library
-            _check(p, who, a, b, c)
+            _check(p, who, c, reference)
             live[who] = (call, _calls_per_round(call, round_seconds))
         per_round: dict[str, list[float]] = {who: [] for who in live}
         order = list(live)
