@@ -144,6 +144,38 @@ FBP_INLINE int vgather_ok(int64_t s) { return FBP_HAVE_VGATHER && s > 0 && s <= 
 
 FBP_INLINE vf32 vabs_f32(vf32 x) { return (vf32)((vi32)x & 0x7fffffff); }
 FBP_INLINE vf64 vabs_f64(vf64 x) { return (vf64)((vi64)x & INT64_MAX); }
+/* -|x| as one OR of the sign bit (-vabs is an AND and an XOR); the same bits, NaN included. */
+FBP_INLINE vf32 vnegabs_f32(vf32 x) { return (vf32)((vi32)x | INT32_MIN); }
+FBP_INLINE vf64 vnegabs_f64(vf64 x) { return (vf64)((vi64)x | INT64_MIN); }
+/* x < lo ? lo : x, NaN kept. On x86 one max instruction: MAX(lo, x) returns its second operand
+ * x unless lo > x, so NaN comes through. The select it replaces is a compare and two logic ops,
+ * and the activations are bound by those ports (AVX-512 issues 512-bit work on two). */
+#if FBP_VBYTES == 64 && defined(__AVX512F__)
+FBP_INLINE vf32 vfloor_f32(vf32 x, float lo) {
+    return (vf32)_mm512_max_ps(_mm512_set1_ps(lo), (__m512)x);
+}
+FBP_INLINE vf64 vfloor_f64(vf64 x, double lo) {
+    return (vf64)_mm512_max_pd(_mm512_set1_pd(lo), (__m512d)x);
+}
+#elif FBP_VBYTES == 32 && defined(__AVX2__)
+FBP_INLINE vf32 vfloor_f32(vf32 x, float lo) {
+    return (vf32)_mm256_max_ps(_mm256_set1_ps(lo), (__m256)x);
+}
+FBP_INLINE vf64 vfloor_f64(vf64 x, double lo) {
+    return (vf64)_mm256_max_pd(_mm256_set1_pd(lo), (__m256d)x);
+}
+#elif FBP_VBYTES == 16 && defined(__SSE2__)
+#include <emmintrin.h>
+FBP_INLINE vf32 vfloor_f32(vf32 x, float lo) {
+    return (vf32)_mm_max_ps(_mm_set1_ps(lo), (__m128)x);
+}
+FBP_INLINE vf64 vfloor_f64(vf64 x, double lo) {
+    return (vf64)_mm_max_pd(_mm_set1_pd(lo), (__m128d)x);
+}
+#else
+FBP_INLINE vf32 vfloor_f32(vf32 x, float lo) { return vselect_f32(x < lo, vbcast_f32(lo), x); }
+FBP_INLINE vf64 vfloor_f64(vf64 x, double lo) { return vselect_f64(x < lo, vbcast_f64(lo), x); }
+#endif
 /* |y| with the sign of x (y must be non-negative). */
 FBP_INLINE vf32 vwithsign_f32(vf32 y, vf32 x) { return (vf32)((vi32)y | ((vi32)x & INT32_MIN)); }
 FBP_INLINE vf64 vwithsign_f64(vf64 y, vf64 x) { return (vf64)((vi64)y | ((vi64)x & INT64_MIN)); }
@@ -206,7 +238,7 @@ FBP_INLINE vf64 vreduce_ln2_f64(vf64 x, vf64 *n, vi64 *ni) {
  * halves so results down in the subnormal range are still right (exp(-100) in float is
  * subnormal; a single 2^n would underflow to 0). Below the smallest subnormal it returns 0. */
 FBP_INLINE vf32 vexp_nonpos_f32(vf32 x) {
-    x = vselect_f32(x < -104.0f, vbcast_f32(-104.0f), x);
+    x = vfloor_f32(x, -104.0f);
     vf32 n;
     vi32 ni;
     const vf32 r = vreduce_ln2_f32(x, &n, &ni);
@@ -222,7 +254,7 @@ FBP_INLINE vf32 vexp_nonpos_f32(vf32 x) {
 }
 
 FBP_INLINE vf64 vexp_nonpos_f64(vf64 x) {
-    x = vselect_f64(x < -746.0, vbcast_f64(-746.0), x);
+    x = vfloor_f64(x, -746.0);
     vf64 n;
     vi64 ni;
     const vf64 r = vreduce_ln2_f64(x, &n, &ni);
@@ -244,15 +276,37 @@ FBP_INLINE vf64 vexp_nonpos_f64(vf64 x) {
 }
 
 /* sigmoid via t = exp(-|x|) in (0, 1]: never overflows, and for x < 0 the result t/(1+t)
- * keeps full relative accuracy down to the subnormals (1 - sigmoid(|x|) would not). */
+ * keeps full relative accuracy down to the subnormals (1 - sigmoid(|x|) would not). AVX-512
+ * multiplies by t only in the lanes that need it (a masked multiply; !(x >= 0) is true for NaN,
+ * as the select's false side is): one compare and one multiply where the select took four.
+ * With vnegabs and vfloor, float32 on AVX-512 went 0.32 -> 0.26 ns per value in cache and 0.35
+ * -> 0.31 for 10^6 values (AVX2 0.53 -> 0.47), the same bits for every float32 input. The
+ * division stays: rcp14 with two Newton steps is IEEE's 1/d for every float d in [1, 2] but
+ * 2 - 2^-23 (a tie), and its extra operations made the sigmoid slower (0.29 -> 0.36 ns). */
+#if FBP_VBYTES == 64 && defined(__AVX512F__)
+FBP_INLINE vf32 vsigmoid_f32(vf32 x) {
+    const vf32 t = vexp_nonpos_f32(vnegabs_f32(x));
+    const vf32 s = 1 / (1 + t);
+    const __mmask16 neg = _mm512_cmp_ps_mask((__m512)x, _mm512_setzero_ps(), _CMP_NGE_UQ);
+    return (vf32)_mm512_mask_mul_ps((__m512)s, neg, (__m512)t, (__m512)s);
+}
+FBP_INLINE vf64 vsigmoid_f64(vf64 x) {
+    const vf64 t = vexp_nonpos_f64(vnegabs_f64(x));
+    const vf64 s = 1 / (1 + t);
+    const __mmask8 neg = _mm512_cmp_pd_mask((__m512d)x, _mm512_setzero_pd(), _CMP_NGE_UQ);
+    return (vf64)_mm512_mask_mul_pd((__m512d)s, neg, (__m512d)t, (__m512d)s);
+}
+#else
 #define FBP_DEFINE_SIGMOID(V, SFX)                                                                 \
     FBP_INLINE V vsigmoid_##SFX(V x) {                                                             \
-        V t = vexp_nonpos_##SFX(-vabs_##SFX(x));                                                   \
+        V t = vexp_nonpos_##SFX(vnegabs_##SFX(x));                                                 \
         V s = 1 / (1 + t);                                                                         \
         return vselect_##SFX(x >= 0, s, t * s);                                                    \
     }
 FBP_DEFINE_SIGMOID(vf32, f32)
 FBP_DEFINE_SIGMOID(vf64, f64)
+#undef FBP_DEFINE_SIGMOID
+#endif
 
 /* tanh(|x|) = u / (2 - u) with u = -expm1(-2|x|) in [0, 1): one expm1 and one division for
  * every x, accurate near 0 because expm1 is (a Taylor series of the Cody-Waite remainder r,
@@ -262,7 +316,7 @@ FBP_DEFINE_SIGMOID(vf64, f64)
  * above, evaluated both: 0.37 -> 0.29 ns per float32 on AVX-512, in cache. */
 FBP_INLINE vf32 vtanh_f32(vf32 x) {
     vf32 m = -2 * vabs_f32(x);
-    m = vselect_f32(m < -20.0f, vbcast_f32(-20.0f), m);
+    m = vfloor_f32(m, -20.0f);
     vf32 n;
     vi32 ni;
     const vf32 r = vreduce_ln2_f32(m, &n, &ni);
@@ -281,7 +335,7 @@ FBP_INLINE vf32 vtanh_f32(vf32 x) {
 
 FBP_INLINE vf64 vtanh_f64(vf64 x) {
     vf64 m = -2 * vabs_f64(x);
-    m = vselect_f64(m < -40.0, vbcast_f64(-40.0), m);
+    m = vfloor_f64(m, -40.0);
     vf64 n;
     vi64 ni;
     const vf64 r = vreduce_ln2_f64(m, &n, &ni);

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+import fastbp
 from fastbp import ops
-from tests.conftest import using_threads
+from tests.conftest import using_isa, using_threads
 
 LD = np.longdouble
 EXTENDED = np.finfo(LD).nmant >= np.finfo(np.float64).nmant + 8
@@ -392,3 +393,41 @@ def test_thread_count_independent(isa, dtype, name):
     with using_threads(2):
         two = FUNCS[name](x)
     assert one.tobytes() == two.tobytes()
+
+
+# ---- the vector ISAs agree ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not {"avx2", "avx512"} <= set(fastbp.available_isas()), reason="needs AVX2 and AVX-512"
+)
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_avx2_and_avx512_give_the_same_bits(dtype, name):
+    """On an AVX-512 CPU the small-network step is the AVX2 build's (csrc/isa_table.c) and must
+    match the AVX-512 general walk bitwise, so their activations must too: the same arithmetic,
+    whatever instructions each ISA does it with (AVX-512's masked multiply and vscalef, AVX2's
+    selects and two-step scale). float32: every 251st bit pattern, all signs and exponents;
+    float64: 2**22 random bit patterns and 2**22 values in the range that matters. NaN in,
+    NaN out on both."""
+    if dtype == np.float32:
+        x = np.arange(0, 2**32, 251, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    else:
+        rng = np.random.default_rng(11)
+        x = np.concatenate(
+            [
+                rng.integers(0, 2**64, 2**22, dtype=np.uint64, endpoint=False).view(np.float64),
+                rng.uniform(-800, 800, 2**22),
+            ]
+        )
+    results = {}
+    for isa_name in ("avx2", "avx512"):
+        with using_isa(isa_name):
+            results[isa_name] = FUNCS[name](x)
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    a, b = results["avx2"], results["avx512"]
+    # NaN stays NaN on both; its payload and sign are not part of the promise (tanh's differ)
+    differ = np.flatnonzero((a.view(bits) != b.view(bits)) & ~(np.isnan(a) & np.isnan(b)))
+    assert differ.size == 0, (
+        f"{differ.size} values differ, e.g. {name}({x[differ[0]]!r}): avx2 "
+        f"{results['avx2'][differ[0]]!r}, avx512 {results['avx512'][differ[0]]!r}"
+    )
