@@ -17,6 +17,7 @@ steps, well inside "1e-13 relative to max|param|"; for float32 80 * 1.2e-7 = 9.5
 from __future__ import annotations
 
 import contextlib
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -291,6 +292,42 @@ def test_adam_first_step_closed_form(isa, dtype, betas):
     rel_v = np.abs(v - exact_v) / np.abs(exact_v)
     assert rel_m.max() <= 3 * eps(dtype), f"exp_avg: {rel_m.max() / eps(dtype):.1f} eps"
     assert rel_v.max() <= 3 * eps(dtype), f"exp_avg_sq: {rel_v.max() / eps(dtype):.1f} eps"
+
+
+@pytest.mark.parametrize("beta2", [0.999, 0.99, 0.5])
+def test_adam_denominator_is_the_ieee_quotient(isa, dtype, beta2):
+    """sqrt(v) / sqrt(1 - beta2^t) is IEEE's correctly rounded quotient on every ISA: the FMA
+    builds compute it as a product and one correction (update.h's quotient_by_constant), which
+    must give the division's bits. With beta1 = 0, eps = 0 and p = m = v = 0, every other
+    operation of the step is a single rounding NumPy repeats exactly (m = g, v = (1 - beta2) g g,
+    p = -lr (g / (sqrt(v) / c))), so p is compared bit for bit over 2**15 gradients of every
+    magnitude, at 43 bias corrections c; also g = 0 (0 / 0: NaN) and gradients whose square
+    overflows (inf / c = inf passes through: p = 0). A buffer of 100 takes the division itself."""
+    rng = np.random.default_rng(23)
+    span = 15 if dtype == np.float32 else 100
+    g = (rng.uniform(1, 2, 2**15) * 10.0 ** rng.uniform(-span, span, 2**15)).astype(dtype)
+    g[rng.random(g.size) < 0.5] *= -1
+    g[:3] = [0, 10.0 ** (2 * span), -(10.0 ** (2 * span))]
+    lr = dtype.type(1e-3)
+    w2 = dtype.type(1 - beta2)
+    for step in [*range(1, 41), 100, 1000, 5000]:
+        p, m, v = np.zeros_like(g), np.zeros_like(g), np.zeros_like(g)
+        ops.adam_step(p, g, m, v, step=step, lr=float(lr), betas=(0.0, beta2), eps=0.0)
+        # a short buffer divides (update.h's adam_elements): the same bits
+        short = [np.zeros(100, dtype) for _ in range(3)]
+        ops.adam_step(
+            short[0], g[:100], *short[1:], step=step, lr=float(lr), betas=(0.0, beta2), eps=0.0
+        )
+        np.testing.assert_array_equal(short[0], p[:100])
+        c = dtype.type(math.sqrt(1 - beta2**step))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            expected = -lr * (g / (np.sqrt(w2 * g * g) / c)) + dtype.type(0)
+        assert expected[1] == 0 and np.isnan(expected[0])
+        same = (p == expected) | (np.isnan(p) & np.isnan(expected))
+        bad = np.flatnonzero(~same)
+        assert bad.size == 0, (
+            f"step {step}: g = {g[bad[0]]!r}: {p[bad[0]]!r} vs {expected[bad[0]]!r}"
+        )
 
 
 # ---- first_step semantics -------------------------------------------------------------------------
