@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbp import ops
+from fastbp import _core, ops
 from tests.conftest import eps, using_threads
 
 LD = np.longdouble
@@ -439,6 +439,44 @@ def test_xent_thread_count_independent(isa, dtype):
         loss2, g2 = ops.softmax_cross_entropy(x, y)
     assert loss1 == loss2
     assert g1.tobytes() == g2.tobytes()
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 7, 10, 15])
+def test_xent_narrow_batch_matches_row_by_row(isa, dtype, classes):
+    """Fewer classes than a vector: whole blocks of rows run one row per lane (csrc/loss.c's
+    softmax_xent_lanes) and the rest row by row, with the same arithmetic, so each row of a
+    67-row batch gets the bits a one-row call gives it, and the batch's loss is the in-order sum
+    of theirs (scale 1). Rows include NaN, -inf, +inf, +-0 and tied maxima."""
+    rng = np.random.default_rng(classes)
+    rows = 67
+    x = (rng.standard_normal((rows, classes)) * 10.0 ** rng.uniform(-2, 2, (rows, 1))).astype(dtype)
+    x[1] = np.nan
+    x[2] = -np.inf
+    x[3, 0] = np.nan
+    x[4, -1] = -np.inf
+    x[5] = 0.0
+    x[6] = -0.0
+    x[7] = 3.0
+    x[8, 0] = np.inf
+    x[9, ::2] = -0.0
+    y = rng.integers(0, classes, rows)
+    g_batch = np.empty_like(x)
+    loss_batch = _core.softmax_xent(g_batch, x, y, 1.0)
+    losses = []
+    for r in range(rows):
+        g_row = np.empty((1, classes), dtype)
+        losses.append(_core.softmax_xent(g_row, x[r : r + 1], y[r : r + 1], 1.0))
+        assert g_row.tobytes() == g_batch[r : r + 1].tobytes(), f"row {r}: {x[r]}"
+    assert np.isnan(loss_batch) and np.isnan(losses[1])
+    finite = [r for r in range(rows) if np.isfinite(losses[r])]
+    assert len(finite) >= rows - 5
+    loss_batch = _core.softmax_xent(
+        np.empty((len(finite), classes), dtype), x[finite], y[finite], 1.0
+    )
+    total = 0.0
+    for r in finite:
+        total += losses[r]
+    assert loss_batch == total
 
 
 # ---- mse: errors ----------------------------------------------------------------------------------
