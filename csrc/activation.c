@@ -11,10 +11,11 @@
 #define ACT_THREAD_GRAIN (1 << 17)
 /* The same for a copy from memory: 256 KiB of float32 (~25 us at one core's ~10 GB/s). */
 #define COPY_THREAD_GRAIN (1 << 16)
-/* How far ahead the forward loop prefetches x: sigmoid's and tanh's arithmetic kept the hardware
+/* How far ahead sigmoid's and tanh's forward loops prefetch x: their arithmetic kept the hardware
  * prefetcher from running far enough ahead (C harness, AVX-512 float32: sigmoid of 10^6 values
- * 0.32 -> 0.29 ns each, of 10^7 0.44 -> 0.31; tanh 0.34 -> 0.30 and 0.50 -> 0.33: relu's speed,
- * which it leaves unchanged; 1, 2 and 8 KiB did no better). */
+ * 0.32 -> 0.29 ns each, of 10^7 0.44 -> 0.31; tanh 0.34 -> 0.30 and 0.50 -> 0.33: relu's speed;
+ * AVX2 sigmoid 0.52 -> 0.49 at 10^6; 1, 2 and 8 KiB did no better). Not relu's: it streams at
+ * memory speed without, and in cache the extra instruction cost it 10% (AVX-512) to 29% (AVX2). */
 #define ACT_PREFETCH_BYTES 4096
 
 #define FBP_TEMPLATE_PASS 1
@@ -27,13 +28,14 @@
 
 #include "pointwise.h"
 
-/* One loop per activation so the switch is outside the hot loop. x is prefetched
+/* One loop per activation so the switch is outside the hot loop. With PREFETCH, x is prefetched
  * ACT_PREFETCH_BYTES ahead (an address computed as an integer: it may lie past the array). */
-#define ACT_LOOP(FN)                                                                               \
+#define ACT_LOOP(FN, PREFETCH)                                                                     \
     do {                                                                                           \
         int64_t i = 0;                                                                             \
         for (; i + VL <= n; i += VL) {                                                             \
-            __builtin_prefetch((const void *)((uintptr_t)(x + i) + ACT_PREFETCH_BYTES), 0, 3);     \
+            if (PREFETCH)                                                                          \
+                __builtin_prefetch((const void *)((uintptr_t)(x + i) + ACT_PREFETCH_BYTES), 0, 3); \
             V_(vstore)(y + i, FN(V_(vload)(x + i)));                                               \
         }                                                                                          \
         if (i < n) V_(vstore_part)(y + i, FN(V_(vload_part)(x + i, n - i)), n - i);                \
@@ -42,13 +44,13 @@
 static void LFN(act_forward_range)(REAL *y, const REAL *x, int64_t n, fbp_activation act) {
     switch (act) {
     case FBP_ACT_SIGMOID:
-        ACT_LOOP(V_(vsigmoid));
+        ACT_LOOP(V_(vsigmoid), 1);
         break;
     case FBP_ACT_RELU:
-        ACT_LOOP(V_(vrelu));
+        ACT_LOOP(V_(vrelu), 0);
         break;
     case FBP_ACT_TANH:
-        ACT_LOOP(V_(vtanh));
+        ACT_LOOP(V_(vtanh), 1);
         break;
     default:
         if (y != x) memmove(y, x, (size_t)n * sizeof(REAL));
