@@ -250,6 +250,35 @@ def test_no_seed_gives_a_fresh_order_and_dropout_each_fit():
     assert not np.array_equal(weights[0], weights[1])
 
 
+@pytest.mark.parametrize("width", [1, 8, 31, 32, 33, 63, 64, 100])
+def test_derived_seeds_are_numpys_seed_sequence(width):
+    """derive_seed (the per-epoch shuffle seeds, dropout streams, MLP's init) is computed in C;
+    it must stay bitwise numpy's SeedSequence, so every seed keeps meaning what it meant: entropy
+    of 1-9 ints of up to `width` bits (words split as numpy splits them, zero as one word)."""
+    from fastbp._random import derive_seed
+
+    rng = np.random.default_rng(width)
+    cases = [(0,), (0, 0, 0), (2**63 - 1, 0, 5), (np.uint64(5), np.int64(3))]
+    for _ in range(300):
+        k = int(rng.integers(1, 10))
+        cases.append(
+            tuple(int.from_bytes(rng.bytes(16), "little") >> (128 - width) for _ in range(k))
+        )
+    for entropy in cases:
+        expected = np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0]
+        assert derive_seed(*entropy) == int(expected), entropy
+
+
+def test_derived_seeds_refuse_what_seed_sequence_refuses():
+    from fastbp._random import derive_seed
+
+    for bad in [(-1,), (3, -2), (1.5,), (2.0,)]:
+        with pytest.raises((ValueError, TypeError)):
+            np.random.SeedSequence(list(bad))
+        with pytest.raises((ValueError, TypeError)):
+            derive_seed(*bad)
+
+
 def test_same_weights_for_one_and_two_threads():
     """784-256-10 on 2048 samples in batches of 256 with dropout: the first layer's GEMMs are
     256 x 784 x 256 = 51M multiply-adds, ~100x the 2^19 per-thread grain of csrc/gemm.c, so

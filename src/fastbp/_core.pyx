@@ -5,7 +5,7 @@ These functions trust their callers for shapes and dtypes: fastbp.ops validates 
 public surface. What they still guarantee is that a non-OK status from C becomes an exception.
 """
 
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from cpython.buffer cimport (
     PyBUF_ANY_CONTIGUOUS,
@@ -19,6 +19,7 @@ from cpython.buffer cimport (
 )
 from libc.math cimport isfinite
 from cython cimport floating
+from operator import index as operator_index
 
 cdef extern from "fastbp.h" nogil:
     ctypedef enum fbp_status:
@@ -837,6 +838,68 @@ def shuffle(int64_t[::1] order, uint64_t seed):
         return
     with nogil:
         fbp_shuffle(&order[0], n, seed)
+
+
+# numpy's SeedSequence (pool of 4 uint32 words, its hash and mix constants), for seed_sequence_u64
+cdef enum:
+    _SEED_POOL = 4
+    _SEED_WORDS_MAX = 64
+
+
+cdef inline uint32_t _seed_hashmix(uint32_t value, uint32_t *hash_const) noexcept nogil:
+    value ^= hash_const[0]
+    hash_const[0] *= 0x931e8875u
+    value *= hash_const[0]
+    value ^= value >> 16
+    return value
+
+
+cdef inline uint32_t _seed_mix(uint32_t x, uint32_t y) noexcept nogil:
+    cdef uint32_t result = 0xca01f9ddu * x - 0x4973f715u * y
+    result ^= result >> 16
+    return result
+
+
+def seed_sequence_u64(*entropy):
+    """``int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])``, the same
+    bits, in ~0.2 us instead of ~15: fit derives one shuffle seed per epoch this way, and a tiny
+    network's epoch is ~15 us. Each entry is a non-negative int (split into 32-bit words,
+    least significant first, as numpy does)."""
+    cdef uint32_t words[_SEED_WORDS_MAX]
+    cdef Py_ssize_t n_words = 0, i, src, dst
+    for value in entropy:
+        if isinstance(value, bool) or not isinstance(value, int):
+            value = operator_index(value)
+        if value < 0:
+            raise ValueError("seed_sequence_u64: entropy must be non-negative integers")
+        while True:
+            if n_words == _SEED_WORDS_MAX:
+                raise ValueError(f"seed_sequence_u64: at most {_SEED_WORDS_MAX} 32-bit words")
+            words[n_words] = <uint32_t>(value & 0xffffffff)
+            n_words += 1
+            value >>= 32
+            if value == 0:
+                break
+    cdef uint32_t pool[_SEED_POOL]
+    cdef uint32_t hash_const = 0x43b0d7e5u
+    for i in range(_SEED_POOL):
+        pool[i] = _seed_hashmix(words[i] if i < n_words else 0, &hash_const)
+    for src in range(_SEED_POOL):
+        for dst in range(_SEED_POOL):
+            if src != dst:
+                pool[dst] = _seed_mix(pool[dst], _seed_hashmix(pool[src], &hash_const))
+    for src in range(_SEED_POOL, n_words):
+        for dst in range(_SEED_POOL):
+            pool[dst] = _seed_mix(pool[dst], _seed_hashmix(words[src], &hash_const))
+    # generate_state(1, uint64): two uint32 words from the pool, little-endian into one uint64
+    cdef uint32_t out_words[2]
+    hash_const = 0x8b51f9ddu
+    for i in range(2):
+        out_words[i] = pool[i] ^ hash_const
+        hash_const *= 0x58f38dedu
+        out_words[i] *= hash_const
+        out_words[i] ^= out_words[i] >> 16
+    return (<uint64_t>out_words[1] << 32) | out_words[0]
 
 
 def all_finite(object x):

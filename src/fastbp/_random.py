@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from . import _core
+
 _generator = np.random.default_rng()
 
 
@@ -28,6 +30,7 @@ def fresh_seed() -> int:
 
 
 def derive_seed(base: int, *stream: int) -> int:
-    """A 64-bit seed for a sub-stream (an epoch, dropout), reproducible from `base`."""
-    seq = np.random.SeedSequence([base, *stream])
-    return int(seq.generate_state(1, dtype=np.uint64)[0])
+    """A 64-bit seed for a sub-stream (an epoch, dropout), reproducible from `base`: the first
+    64-bit word of ``np.random.SeedSequence([base, *stream])``'s state, computed in C (numpy's
+    object took ~15 us, and fit derives one seed per epoch)."""
+    return _core.seed_sequence_u64(base, *stream)
