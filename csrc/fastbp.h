@@ -232,22 +232,23 @@ fbp_status fbp_plan_compute_gradients(fbp_plan *plan, double *loss, const void *
                                       fbp_loss loss_kind, double grad_scale,
                                       fbp_grads_ready_fn grads_ready, void *ctx);
 /* Batches [first, first + count) of an epoch over rows order[...] of X (n, in) and targets Y
- * ((n, out) values, or n int64 labels): gather, train_step. loss_sum += loss * rows of each
- * batch. Stops at the first non-finite loss, reporting its batch in *bad_batch (else -1).
- * check_x: each batch's rows of X are checked for NaN/inf as they are read, before its step; a
- * batch that fails stops the call with FBP_ERR_NONFINITE_INPUT, its index in *bad_batch, and is
- * not trained on (the batches before it were: undoing them is the caller's part). */
+ * ((n, out) values, or n int64 labels): gather, train_step. order NULL: the rows in order.
+ * loss_sum += loss * rows of each batch. Stops at the first non-finite loss, reporting its batch in
+ * *bad_batch (else -1). check_x: each batch's rows of X are checked for NaN/inf as they are read,
+ * before its step; a batch that fails stops the call with FBP_ERR_NONFINITE_INPUT, its index in
+ * *bad_batch, and is not trained on (the batches before it were: undoing them is the caller's
+ * part). */
 fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
                                   const void *X, const void *Y, int64_t n, const int64_t *order,
                                   int64_t batch_size, int64_t first, int64_t count,
                                   fbp_loss loss_kind, fbp_optimizer *opt, int check_x);
-/* `epochs` whole epochs of train_batches over all rows: epoch e first shuffles order in place
- * with fbp_shuffle(order, n, shuffle_seeds[e]) when shuffle_seeds is not NULL (the order carries
- * over, as in one call per epoch), then trains every batch. loss_sums[e] = sum of loss * rows,
- * seconds[e] = the epoch's wall time. Stops at the first non-finite loss (FBP_ERR_NONFINITE),
- * reporting its epoch and batch (else -1): what fit does for a short epoch, without returning to
- * Python between epochs. check_x: the call's first epoch checks X as train_batches does (every
- * row is in one of its batches, so later epochs need not). */
+/* `epochs` whole epochs of train_batches over all rows: epoch e first fills order with
+ * fbp_shuffle(order, n, shuffle_seeds[e]) when shuffle_seeds is not NULL, then trains every
+ * batch. order may be NULL (the rows in order) only without shuffle_seeds. loss_sums[e] = sum of
+ * loss * rows, seconds[e] = the epoch's wall time. Stops at the first non-finite loss
+ * (FBP_ERR_NONFINITE), reporting its epoch and batch (else -1): what fit does for a short epoch,
+ * without returning to Python between epochs. check_x: the call's first epoch checks X as
+ * train_batches does (every row is in one of its batches, so later epochs need not). */
 fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seconds,
                                  int64_t *bad_epoch, int64_t *bad_batch, const void *X,
                                  const void *Y, int64_t n, int64_t *order, int64_t batch_size,

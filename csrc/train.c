@@ -519,8 +519,8 @@ fbp_status fbp_plan_train_batches(fbp_plan *plan, double *loss_sum, int64_t *bad
                                   const void *X, const void *Y, int64_t n, const int64_t *order,
                                   int64_t batch_size, int64_t first, int64_t count,
                                   fbp_loss loss_kind, fbp_optimizer *opt, int check_x) {
-    if (!plan || !loss_sum || !bad_batch || !X || !Y || !order || !opt || n <= 0 ||
-        batch_size <= 0 || first < 0 || count < 0 || !plan->params || !plan->grads)
+    if (!plan || !loss_sum || !bad_batch || !X || !Y || !opt || n <= 0 || batch_size <= 0 ||
+        first < 0 || count < 0 || !plan->params || !plan->grads)
         return FBP_ERR_INVALID;
     return DISPATCH(train_batches)(plan, loss_sum, bad_batch, X, Y, n, order, batch_size, first,
                                    count, loss_kind, opt, check_x);
@@ -531,8 +531,8 @@ fbp_status fbp_plan_train_epochs(fbp_plan *plan, double *loss_sums, double *seco
                                  const void *Y, int64_t n, int64_t *order, int64_t batch_size,
                                  int64_t epochs, const uint64_t *shuffle_seeds, fbp_loss loss_kind,
                                  fbp_optimizer *opt, int check_x) {
-    if (!plan || !loss_sums || !seconds || !bad_epoch || !bad_batch || !X || !Y || !order || !opt ||
-        n <= 0 || batch_size <= 0 || epochs < 0 || !plan->params || !plan->grads)
+    if (!plan || !loss_sums || !seconds || !bad_epoch || !bad_batch || !X || !Y || !opt || n <= 0 ||
+        batch_size <= 0 || epochs < 0 || !plan->params || !plan->grads || (shuffle_seeds && !order))
         return FBP_ERR_INVALID;
     *bad_epoch = -1;
     *bad_batch = -1;
@@ -1048,7 +1048,8 @@ static inline void TFN(gather_row)(fbp_plan *plan, const void *X, const void *Y,
              y_row);
 }
 
-/* Batches of rows `order[first * batch_size ...]` of X and Y; see train_batches below. */
+/* Batches of rows `order[first * batch_size ...]` (order NULL: the rows in order) of X and Y;
+ * see train_batches below. */
 static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64_t *bad_batch,
                                          const void *X, const void *Y, int64_t n,
                                          const int64_t *order, int64_t batch_size, int64_t first,
@@ -1066,19 +1067,24 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
         const int64_t start = b * batch_size;
         if (start >= n) return FBP_ERR_INVALID;
         const int64_t rows = n - start < batch_size ? n - start : batch_size;
-        const int64_t *idx = order + start;
+        const int64_t *idx = order ? order + start : NULL;
         double since = profile_start(plan);
         int consecutive = 1;
-        for (int64_t r = 0; r < rows; r++) {
-            if (idx[r] < 0 || idx[r] >= n) return FBP_ERR_INVALID;
-            consecutive &= idx[r] == idx[0] + r;
+        int64_t first_row = start;
+        if (idx) {
+            for (int64_t r = 0; r < rows; r++) {
+                if (idx[r] < 0 || idx[r] >= n) return FBP_ERR_INVALID;
+                consecutive &= idx[r] == idx[0] + r;
+            }
+            first_row = idx[0];
         }
         if (consecutive) {
             /* Consecutive rows (an epoch in order, or data shuffled beforehand) are read in place:
              * X streams from memory once, into the first product, instead of into a copy the
              * product then reads (W3: 43 us of a 1-thread step copied 400 KB). */
-            plan->batch = (const char *)X + (size_t)idx[0] * x_row;
-            copy_row(plan->target, (const char *)Y + (size_t)idx[0] * y_row, (size_t)rows * y_row);
+            plan->batch = (const char *)X + (size_t)first_row * x_row;
+            copy_row(plan->target, (const char *)Y + (size_t)first_row * y_row,
+                     (size_t)rows * y_row);
         } else {
             /* The gather reads rows scattered over X (DRAM-latency bound): W3's 128 x 3 KiB took
              * ~25 us on one thread; it splits by rows above GATHER_THREAD_GRAIN bytes. */

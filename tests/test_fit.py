@@ -1090,3 +1090,26 @@ def test_optimizer_load_state_dict_errors():
     other = optim.Adam(fastbp.MLP([4, 2], seed=0).parameters())
     with pytest.raises(ValueError, match="does not match"):
         opt.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("sizes", [[4, 2], [4, 16, 2], [4, 64, 64, 2]])
+def test_epochs_without_an_order_read_the_rows_in_order(sizes):
+    """fit without shuffling passes no order to C (rows in order, read in place): the same bits
+    as an explicit identity order, for the fused small-network step and the general walk alike;
+    an order is required to shuffle into."""
+    X, y = regression_data(70, 4, 2)
+    results = []
+    for order in (None, np.arange(70, dtype=np.int64)):
+        model = fastbp.MLP(sizes, seed=3)
+        opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        model.fit(X[:8], y[:8], loss="mse", optimizer=opt, epochs=1, batch_size=8, shuffle=False)
+        state = opt._flat_state_for(model)
+        opt._sync(state)
+        sums, seconds = np.empty(3), np.empty(3)
+        model._plan.train_epochs(X, y, order, 16, 3, None, sums, seconds, 0, state, False)
+        results.append((flat_weights(model), sums.copy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    seeds = np.arange(3, dtype=np.uint64)
+    with pytest.raises(ValueError, match="order array"):
+        model._plan.train_epochs(X, y, None, 16, 3, seeds, sums, seconds, 0, state, False)

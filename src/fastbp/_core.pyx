@@ -763,13 +763,17 @@ cdef class Plan:
                      double[::1] seconds, int loss_kind, OptimizerState opt, bint check_x=False):
         """Whole epochs in one call (see fbp_plan_train_epochs): fills loss_sums[:epochs] and
         seconds[:epochs]; returns (bad_epoch, bad_batch), both -1 unless a loss was not finite.
-        shuffle_seeds (one per epoch) may be None for the order as given. check_x: the first
-        epoch checks X's rows as it reads them, raising NonFiniteInputError."""
+        shuffle_seeds (one per epoch) may be None for the order as given, and then order may be
+        None for the rows in order. check_x: the first epoch checks X's rows as it reads them,
+        raising NonFiniteInputError."""
         if loss_sums.shape[0] < epochs or seconds.shape[0] < epochs:
             raise ValueError("train_epochs: loss_sums and seconds need one slot per epoch")
         if shuffle_seeds is not None and shuffle_seeds.shape[0] < epochs:
             raise ValueError("train_epochs: one shuffle seed per epoch")
-        if order.shape[0] != X.shape[0]:
+        if order is None:
+            if shuffle_seeds is not None:
+                raise ValueError("train_epochs: shuffling needs an order array to fill")
+        elif order.shape[0] != X.shape[0]:
             raise ValueError("train_epochs: order must index every row")
         if epochs == 0:
             return -1, -1
@@ -777,11 +781,12 @@ cdef class Plan:
         cdef const void *yp = data_ptr(Y)
         cdef int64_t n = X.shape[0]
         cdef const uint64_t *seeds = &shuffle_seeds[0] if shuffle_seeds is not None else NULL
+        cdef int64_t *orderp = &order[0] if order is not None else NULL
         cdef int64_t bad_epoch = -1, bad_batch = -1
         cdef fbp_status status
         with nogil:
             status = fbp_plan_train_epochs(self.plan, &loss_sums[0], &seconds[0], &bad_epoch,
-                                           &bad_batch, xp, yp, n, &order[0], batch_size, epochs,
+                                           &bad_batch, xp, yp, n, orderp, batch_size, epochs,
                                            seeds, <fbp_loss>loss_kind, &opt.opt, check_x)
         if status == FBP_ERR_NONFINITE:
             return bad_epoch, bad_batch
