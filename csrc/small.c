@@ -56,10 +56,27 @@ FBP_INLINE VEC LFN(small_column)(const REAL *w, int64_t in, int64_t cnt) {
  * contained in one earlier full store forwards from it, where one after a masked store waits
  * for that store to reach the cache. Lanes past a row's end hold harmless finite values. */
 
+/* One output column (a regression's last layer, W1's whole model) is a column of scalars: each
+ * is computed in lane 0 of the same vector operations and stored alone, and the column is read
+ * back the same way, where one masked store per row (and a load waiting on each) took half of
+ * W1's step (0.110 -> 0.068 us). The weight stays a masked load: broadcast like x, GCC folded
+ * the two broadcasts' product into a scalar multiply and dropped the FMA. */
+
 /* y (rows x out) = act(x (rows x in) @ W^T + b) with W (out x in). */
 static void LFN(small_linear_forward)(REAL *restrict y, const REAL *restrict x,
                                       const REAL *restrict w, const REAL *restrict bias,
                                       int64_t rows, int64_t in, int64_t out, fbp_activation act) {
+    if (out == 1) {
+        for (int64_t r = 0; r < rows; r++) {
+            const REAL *xr = x + r * in;
+            VEC acc = V_(vbcast)(0);
+            for (int64_t p = 0; p < in; p++)
+                acc += V_(vbcast)(xr[p]) * LFN(small_column)(w + p, in, 1);
+            if (bias) acc += V_(vbcast)(bias[0]);
+            y[r] = LFN(apply_act)(acc, act)[0];
+        }
+        return;
+    }
     for (int64_t r = 0; r < rows; r++) {
         const REAL *xr = x + r * in;
         for (int64_t j0 = 0; j0 < out; j0 += VL) {
@@ -81,7 +98,16 @@ static void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *restri
                                        const REAL *restrict x, const REAL *restrict w, int64_t rows,
                                        int64_t in, int64_t out, fbp_activation act) {
     const int64_t vecs = (out + VL - 1) / VL;
-    for (int64_t v = 0; v < vecs; v++) {
+    if (out == 1) {
+        VEC dbv = V_(vbcast)(0);
+        for (int64_t r = 0; r < rows; r++) {
+            const VEC d = LFN(act_grad)(V_(vbcast)(dy[r]), V_(vbcast)(y[r]), act);
+            dz[r] = d[0];
+            dbv += d;
+        }
+        if (db) db[0] = dbv[0];
+    }
+    for (int64_t v = 0; v < vecs && out > 1; v++) {
         const int64_t cnt = out - v * VL < VL ? out - v * VL : VL;
         /* one vector per row runs on into the next rows, written after it; else, in place */
         const int ahead = cnt == VL || vecs == 1;
@@ -155,7 +181,13 @@ fbp_status KFN(small_step)(const fbp_small_net *net, double *loss, int64_t rows,
         const double scale = kind == FBP_LOSS_MSE ? 1.0 / (double)outputs : 1.0;
         const REAL gscale = (REAL)(2 * scale);
         const REAL *target = net->target;
-        for (int64_t r = 0; r < rows; r++) /* the gradient in the layout backward loads it */
+        if (classes == 1) /* one column, in whole (aligned) vectors: read element by element */
+            for (int64_t o = 0; o < outputs; o += VL) {
+                const int64_t cnt = outputs - o < VL ? outputs - o : VL;
+                const VEC d = V_(vload_n)(x + o, cnt) - V_(vload_n)(target + o, cnt);
+                LFN(small_store_ahead)(g + o, d * gscale, cnt);
+            }
+        for (int64_t r = 0; r < rows && classes > 1; r++) /* in the layout backward loads it */
             for (int64_t j0 = 0; j0 < classes; j0 += VL) {
                 const int64_t o = r * classes + j0, cnt = classes - j0 < VL ? classes - j0 : VL;
                 const VEC d = V_(vload_n)(x + o, cnt) - V_(vload_n)(target + o, cnt);

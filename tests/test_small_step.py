@@ -96,6 +96,7 @@ NETS = [
     ((4, 17, 9, 2), ["sigmoid", "tanh"]),  # 17 wide: more than one vector on every ISA, ragged
     ((1, 1, 1), ["relu"]),
     ((8, 32, 5), ["sigmoid"]),  # 256 weights: the largest layer allowed
+    ((6, 1, 4, 1), ["sigmoid", "tanh"]),  # one-column layers with and without an activation
 ]
 
 
@@ -109,7 +110,9 @@ CASES = [
 
 @pytest.mark.parametrize("sizes,acts,loss", CASES)
 def test_fused_step_matches_the_general_walk(isa, dtype, sizes, acts, loss):
-    for opt_name, batch_size, n in (("adam", 1, 23), ("sgd-nesterov", 7, 40), ("sgd", 10, 33)):
+    # 1, 7, 10 and 19 rows: a one-column layer fills part of a vector, whole ones, a ragged tail
+    batches = (("adam", 1, 23), ("sgd-nesterov", 7, 40), ("sgd", 10, 33), ("sgd", 19, 45))
+    for opt_name, batch_size, n in batches:
         fused = train(True, sizes, acts, dtype, loss, opt_name, batch_size, n)
         walk = train(False, sizes, acts, dtype, loss, opt_name, batch_size, n)
         assert fused[4], "the fused kernel did not apply: the comparison would be vacuous"
