@@ -1078,13 +1078,16 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
             }
             first_row = idx[0];
         }
+        const void *targets = plan->target;
         if (consecutive) {
             /* Consecutive rows (an epoch in order, or data shuffled beforehand) are read in place:
              * X streams from memory once, into the first product, instead of into a copy the
-             * product then reads (W3: 43 us of a 1-thread step copied 400 KB). */
+             * product then reads (W3: 43 us of a 1-thread step copied 400 KB). The fused step
+             * reads Y's rows in place too (W1's 40 bytes: a call into libc per step); the
+             * general walk's loss reads plan->target. */
             plan->batch = (const char *)X + (size_t)first_row * x_row;
-            copy_row(plan->target, (const char *)Y + (size_t)first_row * y_row,
-                     (size_t)rows * y_row);
+            targets = (const char *)Y + (size_t)first_row * y_row;
+            if (!small) copy_row(plan->target, targets, (size_t)rows * y_row);
         } else {
             /* The gather reads rows scattered over X (DRAM-latency bound): W3's 128 x 3 KiB took
              * ~25 us on one thread; it splits by rows above GATHER_THREAD_GRAIN bytes. */
@@ -1100,7 +1103,7 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
             plan->batch = plan->input;
         }
         if (kind == FBP_LOSS_CROSS_ENTROPY) {
-            const int64_t *labels = plan->target;
+            const int64_t *labels = targets;
             for (int64_t r = 0; r < rows; r++)
                 if (labels[r] < 0 || labels[r] >= plan->out_features) return FBP_ERR_INVALID;
         }
@@ -1110,6 +1113,7 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
         }
         double loss = 0;
         net.input = plan->batch;
+        net.target = targets;
         st = small ? TFN(small_step)(plan, &net, &loss, rows, kind, opt)
                    : TFN(step)(plan, &loss, rows, kind, opt, b == first + count - 1);
         if (st == FBP_ERR_NONFINITE || st == FBP_ERR_NONFINITE_INPUT) *bad_batch = b;
