@@ -547,7 +547,7 @@ class Sequential(Module):
                 raise ValueError(f"{name} labels must lie in [0, {self.out_features}), found {bad}")
             return np.ascontiguousarray(labels, dtype=np.int64)
         arr = y if isinstance(y, np.ndarray) else np.asarray(y)
-        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        if arr.dtype.kind not in "fiu":  # bool is kind "b"
             raise TypeError(f"{name} must be a real array for MSE, got dtype {arr.dtype}")
         if arr.ndim == 1 and self.out_features == 1:
             arr = arr.reshape(-1, 1)
@@ -832,7 +832,7 @@ class Sequential(Module):
         for an array the caller vouched for (:meth:`_known_finite`), nor for integers (every
         integer type converts to a finite float32 or float64)."""
         arr = X if isinstance(X, np.ndarray) else np.asarray(X)
-        if arr.dtype == np.bool_ or arr.dtype.kind not in "fiu":
+        if arr.dtype.kind not in "fiu":  # bool is kind "b"
             raise TypeError(f"{name} must be a real array, got dtype {arr.dtype}")
         if arr.ndim != 2:
             hint = f"; for a single sample use {name}.reshape(1, -1)" if arr.ndim == 1 else ""
