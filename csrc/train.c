@@ -126,13 +126,18 @@ static inline uint64_t splitmix64(uint64_t x) {
 
 static inline double uniform01(uint64_t bits) { return (double)(bits >> 11) * 0x1.0p-53; }
 
+/* SplitMix64 as its authors run it: the state steps by the golden-ratio constant and each draw
+ * mixes the state, so the draws are independent of each other. Feeding each output back as the
+ * next state (as this did) chained the ~13-cycle mix from element to element: 1000 rows 3.5 ->
+ * 1.3 us, 60,000 rows 211 -> 77 us. */
 void fbp_shuffle(int64_t *order, int64_t n, uint64_t seed) {
     for (int64_t i = 0; i < n; i++) order[i] = i;
     uint64_t state = splitmix64(seed);
     for (int64_t i = n - 1; i > 0; i--) {
-        state = splitmix64(state);
+        state += 0x9E3779B97F4A7C15ull;
+        const uint64_t draw = splitmix64(state);
         /* multiply-shift maps 64 random bits to [0, i] with negligible bias for any n < 2^40 */
-        int64_t j = (int64_t)(((unsigned __int128)state * (uint64_t)(i + 1)) >> 64);
+        int64_t j = (int64_t)(((unsigned __int128)draw * (uint64_t)(i + 1)) >> 64);
         int64_t t = order[i];
         order[i] = order[j];
         order[j] = t;
