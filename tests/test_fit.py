@@ -258,7 +258,7 @@ def test_derived_seeds_are_numpys_seed_sequence(width):
     from fastbp._random import derive_seed
 
     rng = np.random.default_rng(width)
-    cases = [(0,), (0, 0, 0), (2**63 - 1, 0, 5), (np.uint64(5), np.int64(3))]
+    cases = [(0,), (0, 0, 0), (2**63 - 1, 0, 5), (np.uint64(5), np.int64(3)), (10**700, 2, 1)]
     for _ in range(300):
         k = int(rng.integers(1, 10))
         cases.append(

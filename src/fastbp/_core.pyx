@@ -869,7 +869,7 @@ def seed_sequence_u64(*entropy):
     """``int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])``, the same
     bits, in ~0.2 us instead of ~15: fit derives one shuffle seed per epoch this way, and a tiny
     network's epoch is ~15 us. Each entry is a non-negative int (split into 32-bit words,
-    least significant first, as numpy does)."""
+    least significant first, as numpy does); OverflowError past 64 words (2048 bits)."""
     cdef uint32_t words[_SEED_WORDS_MAX]
     cdef Py_ssize_t n_words = 0, i, src, dst
     for value in entropy:
@@ -878,8 +878,8 @@ def seed_sequence_u64(*entropy):
         if value < 0:
             raise ValueError("seed_sequence_u64: entropy must be non-negative integers")
         while True:
-            if n_words == _SEED_WORDS_MAX:
-                raise ValueError(f"seed_sequence_u64: at most {_SEED_WORDS_MAX} 32-bit words")
+            if n_words == _SEED_WORDS_MAX:  # the caller falls back to numpy's object
+                raise OverflowError(f"seed_sequence_u64: at most {_SEED_WORDS_MAX} 32-bit words")
             words[n_words] = <uint32_t>(value & 0xffffffff)
             n_words += 1
             value >>= 32

@@ -33,4 +33,8 @@ def derive_seed(base: int, *stream: int) -> int:
     """A 64-bit seed for a sub-stream (an epoch, dropout), reproducible from `base`: the first
     64-bit word of ``np.random.SeedSequence([base, *stream])``'s state, computed in C (numpy's
     object took ~15 us, and fit derives one seed per epoch)."""
-    return _core.seed_sequence_u64(base, *stream)
+    try:
+        return _core.seed_sequence_u64(base, *stream)
+    except OverflowError:  # entropy of more than 2048 bits: numpy's object takes any size
+        seq = np.random.SeedSequence([base, *stream])
+        return int(seq.generate_state(1, dtype=np.uint64)[0])
