@@ -50,15 +50,17 @@ def data(sizes, n, loss, dtype, seed=1):
     return X, rng.normal(size=(n, sizes[-1])).astype(dtype)
 
 
-def train(on, sizes, acts, dtype, loss, opt_name, batch_size, n, bias=True, epochs=3):
-    """Weights, gradients, optimizer state and losses after a seeded, shuffled fit."""
+def train(on, sizes, acts, dtype, loss, opt_name, batch_size, n, bias=True, epochs=3, shuffle=True):
+    """Weights, gradients, optimizer state and losses after a seeded fit (shuffled: batches
+    gathered into the workspace; in order: rows and targets read in place)."""
     model = build(sizes, acts, dtype, bias=bias)
     opt = make_optimizer(opt_name, model)
     X, y = data(sizes, n, loss, dtype)
     with small_step(on):
         history = model.fit(
-            X, y, loss=loss, optimizer=opt, epochs=epochs, batch_size=batch_size, seed=7
-        )
+            X, y, loss=loss, optimizer=opt, epochs=epochs, batch_size=batch_size, seed=7,
+            shuffle=shuffle,
+        )  # fmt: skip
         used = model._plan.small_step_applies(min(batch_size, n))
     state = {k: v.copy() for k, v in model.state_dict().items()}
     grads = [p.grad.copy() for p in model.parameters()]
@@ -118,6 +120,47 @@ def test_fused_step_matches_the_general_walk(isa, dtype, sizes, acts, loss):
         assert fused[4], "the fused kernel did not apply: the comparison would be vacuous"
         assert not walk[4]
         assert_same(fused, walk)
+
+
+@pytest.mark.parametrize("sizes,acts,loss", CASES)
+def test_batches_read_in_place_match_the_general_walk(isa, dtype, sizes, acts, loss):
+    """Without shuffling the fused step reads each batch's rows and targets in place (the
+    general walk copies the targets); ragged last batches of 5 and 1 rows."""
+    for opt_name, batch_size, n in (("sgd-nesterov", 7, 40), ("adam", 10, 31)):
+        fused = train(True, sizes, acts, dtype, loss, opt_name, batch_size, n, shuffle=False)
+        walk = train(False, sizes, acts, dtype, loss, opt_name, batch_size, n, shuffle=False)
+        assert fused[4] and not walk[4]
+        assert_same(fused, walk)
+
+
+@pytest.mark.parametrize("sizes,acts,loss", CASES)
+def test_fit_in_order_equals_train_step_on_each_batch(dtype, sizes, acts, loss):
+    """fit without shuffling (rows and targets read in place by fit's C loop) against
+    train_step on the same batches (each copied by its own call): the same weights and each
+    epoch's mean loss, bitwise."""
+    X, y = data(sizes, 31, loss, dtype)
+    results = []
+    for use_fit in (True, False):
+        model = build(sizes, acts, dtype)
+        opt = make_optimizer("adam", model)
+        if use_fit:
+            losses = model.fit(X, y, loss=loss, optimizer=opt, epochs=2, batch_size=10,
+                               shuffle=False).history["loss"]  # fmt: skip
+        else:
+            loss_fn = fastbp.MSELoss() if loss == "mse" else fastbp.CrossEntropyLoss()
+            losses = []
+            for _ in range(2):
+                total = 0.0
+                for start in range(0, 31, 10):
+                    rows = slice(start, start + 10)
+                    total += model.train_step(X[rows], y[rows], loss_fn, opt) * len(X[rows])
+                losses.append(total / 31)
+        assert model._plan.small_step_applies(10)
+        results.append((model.state_dict(), losses))
+    (sa, la), (sb, lb) = results
+    for key in sa:
+        np.testing.assert_array_equal(sa[key], sb[key], err_msg=key, strict=True)
+    assert la == lb
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "sgd-dampening", "adam", "adamw"])
