@@ -759,41 +759,64 @@ cdef class Plan:
         return value
 
     def train_epochs(self, X, Y, int64_t[::1] order, int64_t batch_size, int64_t epochs,
-                     const uint64_t[::1] shuffle_seeds, double[::1] loss_sums,
-                     double[::1] seconds, int loss_kind, OptimizerState opt, bint check_x=False):
-        """Whole epochs in one call (see fbp_plan_train_epochs): fills loss_sums[:epochs] and
-        seconds[:epochs]; returns (bad_epoch, bad_batch), both -1 unless a loss was not finite.
-        shuffle_seeds (one per epoch) may be None for the order as given, and then order may be
-        None for the rows in order. check_x: the first epoch checks X's rows as it reads them,
-        raising NonFiniteInputError."""
-        if loss_sums.shape[0] < epochs or seconds.shape[0] < epochs:
-            raise ValueError("train_epochs: loss_sums and seconds need one slot per epoch")
-        if shuffle_seeds is not None and shuffle_seeds.shape[0] < epochs:
+                     object shuffle_seeds, int loss_kind, OptimizerState opt, bint check_x=False):
+        """Whole epochs in one call (see fbp_plan_train_epochs). Returns (bad_epoch, bad_batch,
+        loss_sums, seconds): bad_epoch and bad_batch are -1 unless a loss was not finite, and
+        the two lists hold each epoch trained in full (all of them, or those before bad_epoch):
+        its sum of loss * rows and its wall time. shuffle_seeds (a sequence of ints, one per
+        epoch) may be None for the order as given, and then order may be None for the rows in
+        order. check_x: the first epoch checks X's rows as it reads them, raising
+        NonFiniteInputError. Plain lists in and out, in buffers of its own: numpy arrays and
+        their memoryviews were a few us of a tiny network's fit, more with cold caches."""
+        if shuffle_seeds is not None and len(shuffle_seeds) < epochs:
             raise ValueError("train_epochs: one shuffle seed per epoch")
         if order is None:
             if shuffle_seeds is not None:
                 raise ValueError("train_epochs: shuffling needs an order array to fill")
         elif order.shape[0] != X.shape[0]:
             raise ValueError("train_epochs: order must index every row")
-        if epochs == 0:
-            return -1, -1
+        if epochs <= 0:
+            return -1, -1, [], []
         cdef const void *xp = data_ptr(X)
         cdef const void *yp = data_ptr(Y)
         cdef int64_t n = X.shape[0]
-        cdef const uint64_t *seeds = &shuffle_seeds[0] if shuffle_seeds is not None else NULL
         cdef int64_t *orderp = &order[0] if order is not None else NULL
-        cdef int64_t bad_epoch = -1, bad_batch = -1
+        cdef int64_t bad_epoch = -1, bad_batch = -1, e, finished
         cdef fbp_status status
-        with nogil:
-            status = fbp_plan_train_epochs(self.plan, &loss_sums[0], &seconds[0], &bad_epoch,
-                                           &bad_batch, xp, yp, n, orderp, batch_size, epochs,
-                                           seeds, <fbp_loss>loss_kind, &opt.opt, check_x)
-        if status == FBP_ERR_NONFINITE:
-            return bad_epoch, bad_batch
-        if status == FBP_ERR_NONFINITE_INPUT:
-            raise NonFiniteInputError(bad_epoch, bad_batch)
-        check(status, "fit")
-        return -1, -1
+        # the loss sums and seconds (2 x epochs) and the seeds: on the stack for short calls
+        cdef double local[2 * 64]
+        cdef uint64_t local_seeds[64]
+        cdef double *buf = local
+        cdef uint64_t *seed_buf = local_seeds
+        cdef uint64_t *seeds = NULL
+        if epochs > 64:
+            buf = <double *>malloc(<size_t>(2 * epochs) * sizeof(double))
+            seed_buf = <uint64_t *>malloc(<size_t>epochs * sizeof(uint64_t))
+            if buf == NULL or seed_buf == NULL:
+                free(buf)
+                free(seed_buf)
+                raise MemoryError()
+        try:
+            if shuffle_seeds is not None:
+                seeds = seed_buf
+                for e in range(epochs):
+                    seeds[e] = shuffle_seeds[e]
+            with nogil:
+                status = fbp_plan_train_epochs(self.plan, buf, buf + epochs, &bad_epoch,
+                                               &bad_batch, xp, yp, n, orderp, batch_size, epochs,
+                                               seeds, <fbp_loss>loss_kind, &opt.opt, check_x)
+            if status == FBP_ERR_NONFINITE_INPUT:
+                raise NonFiniteInputError(bad_epoch, bad_batch)
+            if status != FBP_ERR_NONFINITE:
+                check(status, "fit")
+                bad_epoch = bad_batch = -1
+            finished = epochs if bad_epoch < 0 else bad_epoch
+            return (bad_epoch, bad_batch, [buf[e] for e in range(finished)],
+                    [buf[epochs + e] for e in range(finished)])
+        finally:
+            if buf != local:
+                free(buf)
+                free(seed_buf)
 
     def train_batches(self, X, Y, order, int64_t batch_size, int64_t first, int64_t count,
                       int loss_kind, OptimizerState opt, double loss_sum=0, bint check_x=False):

@@ -111,20 +111,20 @@ class History:
             self.history.setdefault(key, []).append(value)
 
     def _extend_trained(
-        self, first: int, loss_sums: np.ndarray, seconds: np.ndarray, rows: int, lr: float
+        self, first: int, loss_sums: list[float], seconds: list[float], rows: int, lr: float
     ) -> None:
         """Epochs first, first + 1, ... of a fit's in-C loop (every row trained, no batch
         skipped, one learning rate): the entries _append(e, _epoch_logs(...)) would add, a list
-        at a time (per epoch, that cost ~2 us of a tiny network's ~15 us epoch)."""
-        times = seconds.tolist()  # plain floats: no numpy arithmetic, cold after other work
-        self.epoch.extend(range(first, first + len(times)))
+        at a time, in plain floats (per epoch, the dicts and numpy scalars cost ~2 us of a tiny
+        network's ~15 us epoch, several times that with cold caches)."""
+        self.epoch.extend(range(first, first + len(seconds)))
         h = self.history
-        h.setdefault("loss", []).extend([s / rows for s in loss_sums.tolist()])
-        h.setdefault("time", []).extend(times)
+        h.setdefault("loss", []).extend([s / rows for s in loss_sums])
+        h.setdefault("time", []).extend(seconds)
         h.setdefault("samples_per_sec", []).extend(
-            [rows / t if t > 0 else float("inf") for t in times]
+            [rows / t if t > 0 else float("inf") for t in seconds]
         )
-        h.setdefault("lr", []).extend([lr] * len(times))
+        h.setdefault("lr", []).extend([lr] * len(seconds))
 
     def __getitem__(self, key: str) -> list[float]:
         return self.history[key]
@@ -773,32 +773,23 @@ class Sequential(Module):
         epochs that double while they take under _CHUNK_SECONDS (so Ctrl-C stays prompt).
         With ``undo``, the first epoch checks X's rows as it reads them."""
         n = Xa.shape[0]
-        sums, seconds = np.empty(epochs), np.empty(epochs)
         done = 0
         per_call = max(1, per_call)
         while done < epochs:
             count = min(per_call, epochs - done)
             seeds = None
             if shuffle_seed is not None:
-                seeds = np.array(
-                    [derive_seed(shuffle_seed, 0, e) for e in range(done, done + count)],
-                    dtype=np.uint64,
-                )
+                seeds = [derive_seed(shuffle_seed, 0, e) for e in range(done, done + count)]
             t0 = time.perf_counter()
             optimizer._sync(state)
             check_x = undo is not None and done == 0
             try:
-                bad_epoch, bad_batch = self._plan.train_epochs(
-                    Xa, Ya, order, batch_size, count, seeds, sums[done:], seconds[done:],
-                    loss_obj.kind, state, check_x,
-                )  # fmt: skip
+                bad_epoch, bad_batch, sums, seconds = self._plan.train_epochs(
+                    Xa, Ya, order, batch_size, count, seeds, loss_obj.kind, state, check_x
+                )
             except _core.NonFiniteInputError:
                 undo.fail()
-            finished = count if bad_epoch < 0 else bad_epoch
-            history._extend_trained(
-                done, sums[done : done + finished], seconds[done : done + finished], n,
-                float(optimizer.param_groups[0]["lr"]),
-            )  # fmt: skip
+            history._extend_trained(done, sums, seconds, n, float(optimizer.param_groups[0]["lr"]))
             if bad_epoch >= 0:
                 if check_x and bad_epoch == 0:
                     undo.confirm_x()  # X's unread rows could still hold NaN or infinity
