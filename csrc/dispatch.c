@@ -216,6 +216,14 @@ FBP_FORWARDERS(double, f64, active_f64)
     }                                                                                              \
     int fbp_copy_finite_##SFX(T *dst, const T *src, int64_t n) {                                   \
         return TABLE->copy_finite(dst, src, n);                                                    \
+    }                                                                                              \
+    fbp_status fbp_gemm_rows_##SFX(T *c, const T *a, const int64_t *a_rows, const T *b,            \
+                                   const int64_t *b_rows, const T *bias, int64_t m, int64_t n,     \
+                                   int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,            \
+                                   int64_t cs_b, int64_t ldc, fbp_activation act, T *param,        \
+                                   double lr, double weight_decay, int keep_grad, int *a_finite) { \
+        return TABLE->gemm_rows(c, a, a_rows, b, b_rows, bias, m, n, k, rs_a, cs_a, rs_b, cs_b,    \
+                                ldc, act, param, lr, weight_decay, keep_grad, a_finite);           \
     }
 
 FBP_INTERNAL_FORWARDERS(float, f32, active_f32)

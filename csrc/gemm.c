@@ -57,6 +57,8 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
  * ahead: W4's and 1024^3 products another 0.5-1.5% (three interleaved rounds), W3's level; 4
  * rows lost 1%, 24 matched 16. */
 #define GEMM_PREFETCH_ROWS 16
+/* Rows ahead that packing an indexed B (fit's shuffled batch in a weight gradient) asks for. */
+#define GEMM_B_ROWS_AHEAD 4
 /* The shallowest product fbp_gemm_dact fuses the activation backward into, unless dZ is at
  * least GEMM_DACT_SHALLOW_BYTES (see there). */
 #define GEMM_DACT_MIN_K 32
@@ -216,9 +218,22 @@ FBP_INLINE void LFN(transpose_block)(VEC r[VLN]) {
     TRANSPOSE_STAGE(r, 1);
 }
 
-/* Pack rows [i0, i0 + MR) x cols [0, kc) of A' into an MR-interleaved sliver, zero-padded. */
+/* A row-major operand whose rows are gathered through an index instead of a stride: row r at
+ * base + idx[r] * rs. fit's shuffled batches are read straight from X this way, in the first
+ * layer's products, instead of being copied into the workspace first (see train.c). Such an
+ * operand is always packed: a: A's rows (m), b: B's rows (k); either may be NULL. */
+typedef struct {
+    const int64_t *a, *b;
+} LFN(rows);
+
+FBP_INLINE const REAL *LFN(row_at)(const REAL *base, const int64_t *idx, int64_t r, int64_t rs) {
+    return base + (idx ? idx[r] : r) * rs;
+}
+
+/* Pack rows [i0, i0 + MR) x cols [0, kc) of A' into an MR-interleaved sliver, zero-padded. idx
+ * (a row-major A only): row r of the sliver is row idx[r] of a. */
 static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, int64_t cs,
-                               int64_t rows, int64_t kc) {
+                               int64_t rows, int64_t kc, const int64_t *idx) {
     if (cs == 1) {
         int64_t p0 = 0;
         if (MR <= VL) { /* rows are contiguous: transpose VL x VL blocks of them */
@@ -227,7 +242,7 @@ static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, in
                 /* rows past `rows` (a ragged last sliver) transpose as zeros: the padding */
 #pragma GCC unroll 16
                 for (int i = 0; i < VLN; i++)
-                    r[i] = i < rows ? V_(vload)(a + i * rs + p0) : V_(vbcast)(0);
+                    r[i] = i < rows ? V_(vload)(LFN(row_at)(a, idx, i, rs) + p0) : V_(vbcast)(0);
                 LFN(transpose_block)(r);
                 /* r[q] holds the MR values of column p0 + q (then padding). A full-vector store
                  * spills padding into the next column's slots, which the next store rewrites;
@@ -242,7 +257,7 @@ static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, in
             }
         }
         for (int64_t r = 0; r < MR; r++) {
-            const REAL *src = a + r * rs;
+            const REAL *src = r < rows ? LFN(row_at)(a, idx, r, rs) : a;
             for (int64_t p = p0; p < kc; p++) dst[p * MR + r] = r < rows ? src[p] : 0;
         }
         return;
@@ -273,12 +288,14 @@ static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, in
     }
 }
 
-/* Pack rows [0, kc) x cols [j0, j0 + NR) of B' into an NR-wide sliver, zero-padded. */
+/* Pack rows [0, kc) x cols [j0, j0 + NR) of B' into an NR-wide sliver, zero-padded. idx (a
+ * row-major B only): row p of the sliver is row idx[p] of b. */
 static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, int64_t cs,
-                               int64_t cols, int64_t kc) {
+                               int64_t cols, int64_t kc, const int64_t *idx) {
     if (cs == 1) {
         if (cols == NR) {
-            for (int64_t p = 0; p < kc; p++) memcpy(dst + p * NR, b + p * rs, NR * sizeof(REAL));
+            for (int64_t p = 0; p < kc; p++)
+                memcpy(dst + p * NR, LFN(row_at)(b, idx, p, rs), NR * sizeof(REAL));
             return;
         }
         /* a ragged last sliver: masked loads, zeros after `cols`, whole-vector stores */
@@ -288,7 +305,8 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
                 const int64_t live = cols - v * VL < 0    ? 0
                                      : cols - v * VL < VL ? cols - v * VL
                                                           : VL;
-                V_(vstore)(dst + p * NR + v * VL, V_(vload_part)(b + p * rs + v * VL, live));
+                V_(vstore)(dst + p * NR + v * VL,
+                           V_(vload_part)(LFN(row_at)(b, idx, p, rs) + v * VL, live));
             }
         }
         return;
@@ -613,10 +631,12 @@ static inline int64_t LFN(balanced_kc)(int64_t k) {
     return kc < KC ? kc : KC;
 }
 
-/* Asks for `rows` rows of kc values of an in-place A sliver to be brought into L2. */
-FBP_INLINE void LFN(prefetch_sliver)(const REAL *a, int64_t rs, int64_t rows, int64_t kc) {
+/* Asks for `rows` rows of kc values of an in-place A sliver to be brought into L2; idx: rows
+ * idx[0], idx[1], ... of a (an indexed A, see LFN(rows)). */
+FBP_INLINE void LFN(prefetch_sliver)(const REAL *a, int64_t rs, int64_t rows, int64_t kc,
+                                     const int64_t *idx) {
     for (int64_t r = 0; r < rows; r++) {
-        const char *row = (const char *)(a + r * rs);
+        const char *row = (const char *)LFN(row_at)(a, idx, r, rs);
         for (int64_t off = 0; off < kc * (int64_t)sizeof(REAL); off += 64)
             __builtin_prefetch(row + off, 0, 1);
     }
@@ -631,8 +651,9 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                               int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                               int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
                               REAL *packed_b, REAL *packed_a, int fetch_a, const LFN(dact) * dact,
-                              const LFN(sgd) * sgd, int *a_finite) {
+                              const LFN(sgd) * sgd, int *a_finite, const LFN(rows) * rows) {
     const int64_t kc_step = LFN(balanced_kc)(k);
+    const int64_t *a_idx = rows ? rows->a : NULL, *b_idx = rows ? rows->b : NULL;
     /* A row-major B is read in place, not packed, when its slivers stream from L2 anyway
      * (GEMM_A_OUTER): packing was ~8% of a W3-sized GEMM. Whole slivers only; the ragged last
      * one is packed (zero padding). Not for rows a multiple of 4 KiB apart (every row of a
@@ -651,13 +672,13 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
      * lost 2% at 256 rows. */
     const int b_lines = b_row_bytes % 64 == 0 && (uintptr_t)b % 64 == 0;
     const int direct_b = GEMM_A_OUTER && cs_b == 1 && (b_row_bytes % 4096 != 0 || b_used_once) &&
-                         b_row_bytes < 16384 && m <= (b_lines ? 32 : 16) * MR;
+                         b_row_bytes < 16384 && m <= (b_lines ? 32 : 16) * MR && !b_idx;
     /* A row-major A is read in place too (BLIS's "sup"): its MR x KC sliver is the operand kept
      * in L1 (GEMM_A_OUTER), as rows instead of an interleaved copy. Same conditions on the row
      * stride as for B; full slivers only. */
     const size_t a_row_bytes = (size_t)rs_a * sizeof(REAL);
     const int direct_a = GEMM_A_OUTER && cs_a == 1 && (a_row_bytes % 4096 != 0 || a_used_once) &&
-                         a_row_bytes < 16384;
+                         a_row_bytes < 16384 && !a_idx;
     /* the gradient need not reach C: with one K block each tile is final when computed */
     REAL *band = GEMM_A_OUTER && sgd && sgd->band && k <= kc_step ? sgd->band : NULL;
     {
@@ -675,7 +696,11 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                 const int64_t b_rowwise = cs_b == 1 && !direct_b ? nc / NR : 0;
                 if (b_rowwise > 0) {
                     for (int64_t p = 0; p < kc; p++) {
-                        const REAL *src = b + (pc + p) * rs_b + jc;
+                        const REAL *src = LFN(row_at)(b, b_idx, pc + p, rs_b) + jc;
+                        /* an indexed B's rows are scattered: ask for one a few rows ahead */
+                        if (b_idx && p + GEMM_B_ROWS_AHEAD < kc)
+                            LFN(prefetch_sliver)(b + jc, rs_b, 1, b_rowwise * NR,
+                                                 b_idx + pc + p + GEMM_B_ROWS_AHEAD);
                         for (int64_t s = 0; s < b_rowwise; s++)
                             memcpy(packed_b + s * NR * kc + p * NR, src + s * NR,
                                    NR * sizeof(REAL));
@@ -683,8 +708,9 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                 }
                 for (int64_t s = b_rowwise; s < n_bs; s++) {
                     if (direct_b && (s + 1) * NR <= nc) continue; /* read in place */
-                    LFN(pack_b_sliver)(packed_b + s * NR * kc, b + pc * rs_b + (jc + s * NR) * cs_b,
-                                       rs_b, cs_b, min_i64(NR, nc - s * NR), kc);
+                    LFN(pack_b_sliver)(
+                        packed_b + s * NR * kc, (b_idx ? b : b + pc * rs_b) + (jc + s * NR) * cs_b,
+                        rs_b, cs_b, min_i64(NR, nc - s * NR), kc, b_idx ? b_idx + pc : NULL);
                 }
                 for (int64_t ic = 0; ic < m; ic += MC) {
                     const int64_t mc = min_i64(MC, m - ic);
@@ -692,8 +718,9 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                     for (int64_t s = 0; s < n_as; s++) {
                         if (direct_a && (s + 1) * MR <= mc) continue; /* read in place */
                         LFN(pack_a_sliver)(packed_a + s * MR * kc,
-                                           a + (ic + s * MR) * rs_a + pc * cs_a, rs_a, cs_a,
-                                           min_i64(MR, mc - s * MR), kc);
+                                           (a_idx ? a : a + (ic + s * MR) * rs_a) + pc * cs_a, rs_a,
+                                           cs_a, min_i64(MR, mc - s * MR), kc,
+                                           a_idx ? a_idx + ic + s * MR : NULL);
                     }
                     /* GEMM_A_OUTER: each A sliver stays in L1 while the B slivers stream from
                      * the L2-resident panel; else each B sliver stays while A streams. */
@@ -712,7 +739,19 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                              GEMM_A_OUTER && fetch_a && direct_a && ahead <= 1; ahead++) {
                             const int64_t i1 = ic + (o + ahead) * MR;
                             if (i1 + MR <= m)
-                                LFN(prefetch_sliver)(a + i1 * rs_a + pc, rs_a, MR, kc);
+                                LFN(prefetch_sliver)(a + i1 * rs_a + pc, rs_a, MR, kc, NULL);
+                        }
+                        /* An indexed A's rows are scattered over memory (fit's shuffled batch
+                         * in X), and packing a sliver waited on each of them: ask for the next
+                         * sliver's (or the next K block's first) while this one computes. */
+                        if (GEMM_A_OUTER && a_idx) {
+                            const int64_t i1 = ic + (o + 1) * MR;
+                            if (i1 < m)
+                                LFN(prefetch_sliver)(a + pc, rs_a, min_i64(MR, m - i1), kc,
+                                                     a_idx + i1);
+                            else if (pc + kc < k)
+                                LFN(prefetch_sliver)(a + pc + kc, rs_a, min_i64(MR, m),
+                                                     min_i64(kc_step, k - pc - kc), a_idx);
                         }
                         for (int64_t u = 0; u < inner_n; u++) {
                             const int64_t ir = GEMM_A_OUTER ? o : u;
@@ -792,7 +831,8 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                                    int64_t rs_b, int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
                                    fbp_activation act, size_t b_bytes, size_t a_bytes,
                                    size_t band_bytes, int nthreads, int fetch_a,
-                                   const LFN(dact) * dact, const LFN(sgd) * sgd, int *a_finite) {
+                                   const LFN(dact) * dact, const LFN(sgd) * sgd, int *a_finite,
+                                   const LFN(rows) * rows) {
     const int64_t col_parts = (n + NR - 1) / NR, row_parts = (m + MR - 1) / MR;
     /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
     const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
@@ -815,7 +855,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
         if (sgd) my_sgd = LFN(sgd_band)(sgd, scratch + b_bytes + a_bytes, band_bytes);
         LFN(gemm_blocked)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
                           (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a, dact,
-                          sgd ? &my_sgd : NULL, a_finite);
+                          sgd ? &my_sgd : NULL, a_finite, rows);
         return FBP_OK;
     }
     int failed = 0;
@@ -848,17 +888,24 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                     LFN(gemm_blocked)(c + j0, a, b + j0 * cs_b, bias ? bias + j0 : NULL, m, j1 - j0,
                                       k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa,
                                       fetch_a, dact ? &mine : NULL, sgd ? &my_sgd : NULL,
-                                      lo == 0 ? a_finite : NULL); /* every thread reads all A */
+                                      lo == 0 ? a_finite : NULL, /* every thread reads all A */
+                                      rows);
             } else {
                 const int64_t i0 = lo * MR, i1 = min_i64(hi * MR, m);
                 LFN(sgd) my_sgd;
                 if (sgd)
                     my_sgd =
                         LFN(sgd_offset)(sgd, i0 * ldc, scratch + b_bytes + a_bytes, band_bytes);
+                LFN(rows) my_rows; /* this thread's rows of an indexed A */
+                if (rows) {
+                    my_rows = *rows;
+                    if (my_rows.a) my_rows.a += i0;
+                }
                 if (i1 > i0)
-                    LFN(gemm_blocked)(c + i0 * ldc, a + i0 * rs_a, b, bias, i1 - i0, n, k, rs_a,
-                                      cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa, fetch_a,
-                                      NULL, sgd ? &my_sgd : NULL, a_finite);
+                    LFN(gemm_blocked)(c + i0 * ldc, rows && rows->a ? a : a + i0 * rs_a, b, bias,
+                                      i1 - i0, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
+                                      pb, pa, fetch_a, NULL, sgd ? &my_sgd : NULL, a_finite,
+                                      rows ? &my_rows : NULL);
             }
         }
     }
@@ -869,13 +916,13 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                                 int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
                                 fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd,
-                                int *a_finite);
+                                int *a_finite, const LFN(rows) * rows);
 
 fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,
                      int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc,
                      REAL alpha, REAL beta, fbp_activation act) {
     return LFN(gemm_any)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                         NULL, NULL, NULL);
+                         NULL, NULL, NULL, NULL);
 }
 
 fbp_status KFN(gemm_check_a)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
@@ -884,7 +931,7 @@ fbp_status KFN(gemm_check_a)(REAL *c, const REAL *a, const REAL *b, const REAL *
                              int *a_finite) {
     if (!a_finite) return FBP_ERR_INVALID;
     return LFN(gemm_any)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                         NULL, NULL, a_finite);
+                         NULL, NULL, a_finite, NULL);
 }
 
 fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, const REAL *y,
@@ -909,7 +956,7 @@ fbp_status KFN(gemm_dact)(REAL *dz, REAL *dbias, const REAL *a, const REAL *b, c
     if (dbias && !accumulate) memset(dbias, 0, (size_t)n * sizeof(REAL));
     const LFN(dact) dact = {y ? y : dz, n, dbias, act}; /* identity never reads y */
     return LFN(gemm_any)(dz, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY,
-                         &dact, NULL, NULL);
+                         &dact, NULL, NULL, NULL);
 }
 
 fbp_status KFN(gemm_sgd)(REAL *c, const REAL *a, const REAL *b, int64_t m, int64_t n, int64_t k,
@@ -920,14 +967,27 @@ fbp_status KFN(gemm_sgd)(REAL *c, const REAL *a, const REAL *b, int64_t m, int64
     if (!param) return FBP_ERR_INVALID;
     const LFN(sgd) u = {param, (REAL)lr, (REAL)weight_decay, keep_grad != 0, NULL};
     return LFN(gemm_any)(c, a, b, NULL, m, n, k, rs_a, cs_a, rs_b, cs_b, n, 1, 0, FBP_ACT_IDENTITY,
-                         NULL, &u, NULL);
+                         NULL, &u, NULL, NULL);
+}
+
+fbp_status KFN(gemm_rows)(REAL *c, const REAL *a, const int64_t *a_rows, const REAL *b,
+                          const int64_t *b_rows, const REAL *bias, int64_t m, int64_t n, int64_t k,
+                          int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc,
+                          fbp_activation act, REAL *param, double lr, double weight_decay,
+                          int keep_grad, int *a_finite) {
+    if (m < 0 || n < 0 || k < 0) return FBP_ERR_INVALID;
+    if (m == 0 || n == 0) return FBP_OK;
+    const LFN(rows) rows = {a_rows, b_rows};
+    const LFN(sgd) u = {param, (REAL)lr, (REAL)weight_decay, keep_grad != 0, NULL};
+    return LFN(gemm_any)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, 1, 0, act, NULL,
+                         param ? &u : NULL, a_finite, &rows);
 }
 
 static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                                 int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
                                 fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd,
-                                int *a_finite) {
+                                int *a_finite, const LFN(rows) * rows) {
     if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
     if (m == 0 || n == 0) return FBP_OK;
     if (!c || ldc < n || (k > 0 && (!a || !b))) return FBP_ERR_INVALID;
@@ -940,6 +1000,10 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
         return FBP_OK;
     }
     const double macs = (double)m * (double)n * (double)k;
+    /* an indexed operand is packed: not for the direct path (the caller's choice, see gemm_rows) */
+    if (rows &&
+        (macs <= FBP_GEMM_DIRECT_MAX_MACS || (rows->a && cs_a != 1) || (rows->b && cs_b != 1)))
+        return FBP_ERR_INVALID;
     if (macs <= FBP_GEMM_DIRECT_MAX_MACS) { /* the packed path's fixed costs would dominate */
         LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
                          dact);
@@ -962,7 +1026,7 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
     int checked = a_finite ? 1 : 0; /* every A value is read, and checked, by a tile below */
     const fbp_status st = LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc,
                                            alpha, beta, act, b_bytes, a_bytes, band_bytes, nthreads,
-                                           fetch_a, dact, sgd, a_finite ? &checked : NULL);
+                                           fetch_a, dact, sgd, a_finite ? &checked : NULL, rows);
     if (st == FBP_OK && a_finite) *a_finite = checked;
     return st;
 }

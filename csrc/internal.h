@@ -51,7 +51,10 @@ typedef struct {
     fbp_status (*gemm_check_a)(T *, const T *, const T *, const T *, int64_t, int64_t, int64_t,    \
                                int64_t, int64_t, int64_t, int64_t, int64_t, T, T, fbp_activation,  \
                                int *);                                                             \
-    int (*copy_finite)(T *, const T *, int64_t);
+    int (*copy_finite)(T *, const T *, int64_t);                                                   \
+    fbp_status (*gemm_rows)(T *, const T *, const int64_t *, const T *, const int64_t *,           \
+                            const T *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,       \
+                            int64_t, int64_t, fbp_activation, T *, double, double, int, int *);
 
 typedef struct {
     FBP_TABLE_FIELDS(float)
@@ -119,6 +122,26 @@ fbp_status fbp_gemm_check_a_f64(double *c, const double *a, const double *b, con
  * active ISA. */
 int fbp_copy_finite_f32(float *dst, const float *src, int64_t n);
 int fbp_copy_finite_f64(double *dst, const double *src, int64_t n);
+
+/* c (m x n, row stride ldc) = act(A' @ B' + bias) where A' (m x k) and B' (k x n) are row-major
+ * with some rows gathered through an index: row i of A' is a + a_rows[i] * rs_a (a_rows NULL:
+ * a + i * rs_a), row p of B' is b + b_rows[p] * rs_b; an indexed operand must have unit column
+ * stride. fit reads its shuffled batches this way, from X itself, in the first layer's forward
+ * (a_rows) and weight gradient (b_rows) instead of a gathered copy. param not NULL: plain SGD's
+ * update in the epilogue, as fbp_gemm_sgd (ldc = n, bias NULL, act identity). a_finite not NULL:
+ * as fbp_gemm_check_a. The same bits as those kernels on the gathered rows. Only for products
+ * above the direct path (m * n * k > FBP_GEMM_DIRECT_MAX_MACS), else FBP_ERR_INVALID. Forwards
+ * to the active ISA. */
+fbp_status fbp_gemm_rows_f32(float *c, const float *a, const int64_t *a_rows, const float *b,
+                             const int64_t *b_rows, const float *bias, int64_t m, int64_t n,
+                             int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
+                             int64_t ldc, fbp_activation act, float *param, double lr,
+                             double weight_decay, int keep_grad, int *a_finite);
+fbp_status fbp_gemm_rows_f64(double *c, const double *a, const int64_t *a_rows, const double *b,
+                             const int64_t *b_rows, const double *bias, int64_t m, int64_t n,
+                             int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
+                             int64_t ldc, fbp_activation act, double *param, double lr,
+                             double weight_decay, int keep_grad, int *a_finite);
 
 /* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
  * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on

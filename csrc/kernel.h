@@ -26,6 +26,11 @@
                                     int64_t rs_b, int64_t cs_b, int64_t ldc, T alpha, T beta,      \
                                     fbp_activation act, int *a_finite);                            \
     int fbp_copy_finite_##S(T *restrict dst, const T *restrict src, int64_t n);                    \
+    fbp_status fbp_gemm_rows_##S(T *c, const T *a, const int64_t *a_rows, const T *b,              \
+                                 const int64_t *b_rows, const T *bias, int64_t m, int64_t n,       \
+                                 int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,              \
+                                 int64_t cs_b, int64_t ldc, fbp_activation act, T *param,          \
+                                 double lr, double weight_decay, int keep_grad, int *a_finite);    \
     fbp_status fbp_small_step_##S(const fbp_small_net *net, double *loss, int64_t rows,            \
                                   fbp_loss kind, fbp_optimizer *opt);
 #define FBP_DECLARE_ISA_KERNELS(T, S) FBP_DECLARE_ISA_KERNELS_(T, S)
