@@ -154,6 +154,10 @@ void fbp_set_small_step(int on);
 /* A Linear's input gradient applies the Linear below's activation backward in its epilogue
  * (same bits). 0 runs the two kernels in turn, for tests that compare the two. */
 void fbp_set_dact_fusion(int on);
+/* fit's shuffled batches are read from X through the order by the first Linear's products
+ * (fbp_gemm_rows), not gathered into the workspace first, when that layer is above the GEMM's
+ * direct path (same bits). 0 gathers every batch, for tests that compare the two. */
+void fbp_set_indexed_batches(int on);
 /* A training step (train_step, fit) with plain SGD (momentum 0) updates each Linear's weights in
  * the epilogue of their gradient's product (same bits). 0 runs the products and then one update
  * pass, for tests that compare the two. */
@@ -191,6 +195,7 @@ typedef struct {
     double batches;     /* train_batches' per-batch copies and label checks */
     double fused_steps; /* whole fused small-network steps */
     int64_t forwards, backwards, losses, updates, batch_count, fused_step_count;
+    int64_t indexed_batch_count; /* of batch_count: shuffled ones read through the order */
 } fbp_profile_totals;
 /* on: zero the counters and start; off: stop, keeping them. */
 void fbp_plan_set_profiling(fbp_plan *plan, int on);

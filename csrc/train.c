@@ -43,6 +43,9 @@ struct fbp_plan {
     char *step_inputs;
     int64_t step_rows;
     const void *batch; /* the rows the last forward read: input, or the caller's X in place */
+    /* during one of fit's shuffled steps whose first layer reads its rows through the order
+     * (fbp_gemm_rows, see train_batch_range): those rows of batch (then X itself); else NULL */
+    const int64_t *batch_rows;
     /* while set, each forward checks its batch for NaN/inf (fit's first epoch, predict,
      * evaluate): in its first product when op 0 is a Linear (fbp_gemm_check_a), else in a pass
      * of its own, and stops with FBP_ERR_NONFINITE_INPUT */
@@ -84,6 +87,12 @@ void fbp_set_small_step(int on) {
 }
 
 static int dact_fusion_enabled = 1;
+
+static int indexed_batches_enabled = 1;
+
+void fbp_set_indexed_batches(int on) {
+    __atomic_store_n(&indexed_batches_enabled, on != 0, __ATOMIC_RELAXED);
+}
 
 void fbp_set_dact_fusion(int on) {
     __atomic_store_n(&dact_fusion_enabled, on != 0, __ATOMIC_RELAXED);
@@ -675,6 +684,17 @@ static fbp_status TFN(forward)(fbp_plan *plan, int64_t rows, int training) {
         switch (op->kind) {
         case FBP_OP_LINEAR:
             /* y = act(x @ W.T + b): B' = W.T is W read with strides (1, in). */
+            if (i == 0 && plan->batch_rows) { /* the batch's rows of X, through the order */
+                st = KERNEL(gemm_rows)(y, x, plan->batch_rows, params + op->weight, NULL,
+                                       op->bias >= 0 ? params + op->bias : NULL, rows, out, in, in,
+                                       1, 1, in, out, (fbp_activation)op->activation, NULL, 0, 0, 0,
+                                       batch_finite < 0 ? &batch_finite : NULL);
+                for (int64_t r = 0; st == FBP_OK && batch_finite < 0 && r < rows; r++)
+                    if (!FBP_CAT(fbp_all_finite_, SFX)(x + plan->batch_rows[r] * in, in))
+                        batch_finite = 0; /* a path that did not check: never, by the sizes */
+                if (batch_finite < 0) batch_finite = 1;
+                break;
+            }
             if (i == 0 && batch_finite < 0) {
                 st = KERNEL(gemm_check_a)(
                     y, x, params + op->weight, op->bias >= 0 ? params + op->bias : NULL, rows, out,
@@ -760,7 +780,14 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
                                                  rows, out, (fbp_activation)op->activation,
                                                  accumulate);
             dz_ready = 0;
-            if (st == FBP_OK && !fused)
+            /* the first layer of a shuffled fit step: X's rows through the order (no accumulate) */
+            const int64_t *x_rows = i == 0 ? plan->batch_rows : NULL;
+            if (st == FBP_OK && !fused && x_rows)
+                st = accumulate ? FBP_ERR_STATE
+                                : KERNEL(gemm_rows)(grads + op->weight, g, NULL, x, x_rows, NULL,
+                                                    out, in, rows, 1, out, in, 1, in,
+                                                    FBP_ACT_IDENTITY, NULL, 0, 0, 0, NULL);
+            else if (st == FBP_OK && !fused)
                 st = KERNEL(gemm)(grads + op->weight, g, x, NULL, out, in, rows, 1, out, in, 1, in,
                                   1, accumulate ? 1 : 0, FBP_ACT_IDENTITY);
             /* dW and db are final: their reduction can overlap the dX product below */
@@ -781,7 +808,11 @@ static fbp_status TFN(backward)(fbp_plan *plan, REAL *dx, int64_t rows, int accu
             }
             if (need_dx) profile_lap(plan, op_slot(plan, i, FBP_PROFILE_GRAD_INPUT), &since);
             /* after dX, which reads the weights the update changes */
-            if (st == FBP_OK && fused)
+            if (st == FBP_OK && fused && x_rows)
+                st = KERNEL(gemm_rows)(grads + op->weight, g, NULL, x, x_rows, NULL, out, in, rows,
+                                       1, out, in, 1, in, FBP_ACT_IDENTITY, params + op->weight,
+                                       fused->lr, fused->weight_decay, keep_grads, NULL);
+            else if (st == FBP_OK && fused)
                 st = KERNEL(gemm_sgd)(grads + op->weight, g, x, out, in, rows, 1, out, in, 1,
                                       params + op->weight, fused->lr, fused->weight_decay,
                                       keep_grads);
@@ -1068,6 +1099,14 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
     /* looked up once per call, not per batch: a tiny network's whole step is ~0.17 us */
     const int small = fbp_plan_small_step_applies(plan, rows_max);
     fbp_small_net net = TFN(small_net)(plan);
+    /* A shuffled batch whose first op is a Linear above the GEMM's direct path is not gathered:
+     * that layer's forward and weight gradient read its rows of X through the order while
+     * packing them (fbp_gemm_rows), as they pack a copy, with the same bits. The gather was a
+     * pass of its own bound by memory bandwidth: W3's 128 rows of 3 KiB ~88 us a step at one
+     * thread, the products then reading the copy from cache. */
+    const fbp_op *first_op = &plan->ops[0];
+    const int indexable = !small && first_op->kind == FBP_OP_LINEAR &&
+                          __atomic_load_n(&indexed_batches_enabled, __ATOMIC_RELAXED);
     for (int64_t b = first; b < first + count; b++) {
         const int64_t start = b * batch_size;
         if (start >= n) return FBP_ERR_INVALID;
@@ -1093,6 +1132,15 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
             plan->batch = (const char *)X + (size_t)first_row * x_row;
             targets = (const char *)Y + (size_t)first_row * y_row;
             if (!small) copy_row(plan->target, targets, (size_t)rows * y_row);
+        } else if (indexable &&
+                   (double)rows * (double)first_op->in_features * (double)first_op->out_features >
+                       FBP_GEMM_DIRECT_MAX_MACS) {
+            for (int64_t r = 0; r < rows; r++) /* the targets alone */
+                copy_row((char *)plan->target + (size_t)r * y_row,
+                         (const char *)Y + (size_t)idx[r] * y_row, y_row);
+            plan->batch = X;
+            plan->batch_rows = idx;
+            if (plan->profiling) plan->profile.indexed_batch_count++;
         } else {
             /* The gather reads rows scattered over X (DRAM-latency bound): W3's 128 x 3 KiB took
              * ~25 us on one thread; it splits by rows above GATHER_THREAD_GRAIN bytes. */
@@ -1121,6 +1169,7 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
         net.target = targets;
         st = small ? TFN(small_step)(plan, &net, &loss, rows, kind, opt)
                    : TFN(step)(plan, &loss, rows, kind, opt, b == first + count - 1);
+        plan->batch_rows = NULL; /* the order is the caller's, for this call only */
         if (st == FBP_ERR_NONFINITE || st == FBP_ERR_NONFINITE_INPUT) *bad_batch = b;
         if (st != FBP_OK) return st;
         *loss_sum += loss * (double)rows;

@@ -50,6 +50,7 @@ cdef extern from "fastbp.h" nogil:
     const char *fbp_openmp_info()
     void fbp_set_small_step(int on)
     void fbp_set_dact_fusion(int on)
+    void fbp_set_indexed_batches(int on)
     void fbp_set_update_fusion(int on)
 
     fbp_status fbp_gemm_f32(float *c, const float *a, const float *b, const float *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, float alpha, float beta, fbp_activation act)
@@ -96,6 +97,7 @@ cdef extern from "fastbp.h" nogil:
     ctypedef struct fbp_profile_totals:
         double loss, update, batches, fused_steps
         int64_t forwards, backwards, losses, updates, batch_count, fused_step_count
+        int64_t indexed_batch_count
     void fbp_plan_set_profiling(fbp_plan *plan, int on)
     void fbp_plan_read_profile(const fbp_plan *plan, double *op_seconds, fbp_profile_totals *totals)
     fbp_status fbp_plan_create(fbp_plan **plan, fbp_dtype dtype, const fbp_op *ops, int32_t n_ops, int64_t n_params, int64_t n_buffers)
@@ -210,6 +212,13 @@ def _set_dact_fusion(bint on):
     """Testing hook: False runs each Linear's activation backward as its own pass instead of in
     the input-gradient product of the Linear above (fbp_gemm_dact); both give the same bits."""
     fbp_set_dact_fusion(on)
+
+
+def _set_indexed_batches(bint on):
+    """Testing hook: False gathers every shuffled batch of fit into the workspace, instead of
+    the first Linear's products reading its rows of X through the order; both give the same
+    bits."""
+    fbp_set_indexed_batches(on)
 
 
 def _set_update_fusion(bint on):
@@ -661,6 +670,7 @@ cdef class Plan:
             "updates": totals.updates,
             "batch_count": totals.batch_count,
             "fused_step_count": totals.fused_step_count,
+            "indexed_batch_count": totals.indexed_batch_count,
         }
 
     def small_step_applies(self, int64_t batch):

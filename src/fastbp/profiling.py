@@ -29,8 +29,10 @@ class Profile:
     backward passes, ``losses`` training-loss evaluations, ``updates`` optimizer passes over the
     parameters (with plain SGD most of the update runs inside ``grad_weights``),
     ``batch_count`` the batches :meth:`~fastbp.Sequential.fit` copied or checked (their time in
-    ``batches``). A network small enough for the fused one-kernel step trains without per-op
-    times: those steps count in ``fused_step_count`` and ``fused_steps``.
+    ``batches``), ``indexed_batch_count`` those of them shuffled but not copied: the first
+    Linear's products read their rows of X through the order. A network small enough for the
+    fused one-kernel step trains without per-op times: those steps count in
+    ``fused_step_count`` and ``fused_steps``.
     """
 
     ops: tuple[OpProfile, ...] = ()
@@ -44,6 +46,7 @@ class Profile:
     updates: int = 0
     batch_count: int = 0
     fused_step_count: int = 0
+    indexed_batch_count: int = 0
 
     def _fill(self, ops: tuple[OpProfile, ...], totals: dict[str, float]) -> None:
         self.ops = ops
