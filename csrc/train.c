@@ -1123,6 +1123,7 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
             first_row = idx[0];
         }
         const void *targets = plan->target;
+        const int64_t *through = NULL; /* the rows' order, for the first layer's products */
         if (consecutive) {
             /* Consecutive rows (an epoch in order, or data shuffled beforehand) are read in place:
              * X streams from memory once, into the first product, instead of into a copy the
@@ -1139,11 +1140,12 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
                 copy_row((char *)plan->target + (size_t)r * y_row,
                          (const char *)Y + (size_t)idx[r] * y_row, y_row);
             plan->batch = X;
-            plan->batch_rows = idx;
+            through = idx;
             if (plan->profiling) plan->profile.indexed_batch_count++;
         } else {
-            /* The gather reads rows scattered over X (DRAM-latency bound): W3's 128 x 3 KiB took
-             * ~25 us on one thread; it splits by rows above GATHER_THREAD_GRAIN bytes. */
+            /* The gather reads rows scattered over X (memory-bound: W3's 128 x 3 KiB took 25-90
+             * us on one thread as the machine's speed drifted); it splits by rows above
+             * GATHER_THREAD_GRAIN bytes. */
             const int gather_threads = fbp_team_size(rows * (int64_t)x_row, GATHER_THREAD_GRAIN);
             if (gather_threads > 1) {
 #pragma omp parallel for num_threads(gather_threads) schedule(static)
@@ -1167,9 +1169,10 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
         double loss = 0;
         net.input = plan->batch;
         net.target = targets;
+        plan->batch_rows = through; /* the order is the caller's: for this step only */
         st = small ? TFN(small_step)(plan, &net, &loss, rows, kind, opt)
                    : TFN(step)(plan, &loss, rows, kind, opt, b == first + count - 1);
-        plan->batch_rows = NULL; /* the order is the caller's, for this call only */
+        plan->batch_rows = NULL;
         if (st == FBP_ERR_NONFINITE || st == FBP_ERR_NONFINITE_INPUT) *bad_batch = b;
         if (st != FBP_OK) return st;
         *loss_sum += loss * (double)rows;
@@ -1179,6 +1182,7 @@ static fbp_status TFN(train_batch_range)(fbp_plan *plan, double *loss_sum, int64
 
 /* The caller's rows are not kept past the call: a later backward has no input to read. */
 static void TFN(release_batch)(fbp_plan *plan) {
+    plan->batch_rows = NULL;
     if (plan->batch != plan->input) {
         plan->batch = plan->input;
         plan->last_batch = -1;
