@@ -651,9 +651,9 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                               int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                               int64_t cs_b, int64_t ldc, REAL alpha, REAL beta, fbp_activation act,
                               REAL *packed_b, REAL *packed_a, int fetch_a, const LFN(dact) * dact,
-                              const LFN(sgd) * sgd, int *a_finite, const LFN(rows) * rows) {
+                              const LFN(sgd) * sgd, int *a_finite, const LFN(rows) * through) {
     const int64_t kc_step = LFN(balanced_kc)(k);
-    const int64_t *a_idx = rows ? rows->a : NULL, *b_idx = rows ? rows->b : NULL;
+    const int64_t *a_idx = through ? through->a : NULL, *b_idx = through ? through->b : NULL;
     /* A row-major B is read in place, not packed, when its slivers stream from L2 anyway
      * (GEMM_A_OUTER): packing was ~8% of a W3-sized GEMM. Whole slivers only; the ragged last
      * one is packed (zero padding). Not for rows a multiple of 4 KiB apart (every row of a
@@ -832,7 +832,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                                    fbp_activation act, size_t b_bytes, size_t a_bytes,
                                    size_t band_bytes, int nthreads, int fetch_a,
                                    const LFN(dact) * dact, const LFN(sgd) * sgd, int *a_finite,
-                                   const LFN(rows) * rows) {
+                                   const LFN(rows) * through) {
     const int64_t col_parts = (n + NR - 1) / NR, row_parts = (m + MR - 1) / MR;
     /* the busiest thread's share of the slivers, scaled by the thread count: lower is better */
     const int64_t col_load = (col_parts + nthreads - 1) / nthreads * row_parts;
@@ -855,7 +855,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
         if (sgd) my_sgd = LFN(sgd_band)(sgd, scratch + b_bytes + a_bytes, band_bytes);
         LFN(gemm_blocked)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
                           (REAL *)scratch, (REAL *)(scratch + b_bytes), fetch_a, dact,
-                          sgd ? &my_sgd : NULL, a_finite, rows);
+                          sgd ? &my_sgd : NULL, a_finite, through);
         return FBP_OK;
     }
     int failed = 0;
@@ -889,7 +889,7 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                                       k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act, pb, pa,
                                       fetch_a, dact ? &mine : NULL, sgd ? &my_sgd : NULL,
                                       lo == 0 ? a_finite : NULL, /* every thread reads all A */
-                                      rows);
+                                      through);
             } else {
                 const int64_t i0 = lo * MR, i1 = min_i64(hi * MR, m);
                 LFN(sgd) my_sgd;
@@ -897,15 +897,15 @@ static fbp_status LFN(gemm_packed)(REAL *c, const REAL *a, const REAL *b, const 
                     my_sgd =
                         LFN(sgd_offset)(sgd, i0 * ldc, scratch + b_bytes + a_bytes, band_bytes);
                 LFN(rows) my_rows; /* this thread's rows of an indexed A */
-                if (rows) {
-                    my_rows = *rows;
+                if (through) {
+                    my_rows = *through;
                     if (my_rows.a) my_rows.a += i0;
                 }
                 if (i1 > i0)
-                    LFN(gemm_blocked)(c + i0 * ldc, rows && rows->a ? a : a + i0 * rs_a, b, bias,
-                                      i1 - i0, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
-                                      pb, pa, fetch_a, NULL, sgd ? &my_sgd : NULL, a_finite,
-                                      rows ? &my_rows : NULL);
+                    LFN(gemm_blocked)(c + i0 * ldc, through && through->a ? a : a + i0 * rs_a, b,
+                                      bias, i1 - i0, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta,
+                                      act, pb, pa, fetch_a, NULL, sgd ? &my_sgd : NULL, a_finite,
+                                      through ? &my_rows : NULL);
             }
         }
     }
@@ -916,7 +916,7 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                                 int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
                                 fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd,
-                                int *a_finite, const LFN(rows) * rows);
+                                int *a_finite, const LFN(rows) * through);
 
 fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,
                      int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc,
@@ -977,17 +977,17 @@ fbp_status KFN(gemm_rows)(REAL *c, const REAL *a, const int64_t *a_rows, const R
                           int keep_grad, int *a_finite) {
     if (m < 0 || n < 0 || k < 0) return FBP_ERR_INVALID;
     if (m == 0 || n == 0) return FBP_OK;
-    const LFN(rows) rows = {a_rows, b_rows};
+    const LFN(rows) through = {a_rows, b_rows};
     const LFN(sgd) u = {param, (REAL)lr, (REAL)weight_decay, keep_grad != 0, NULL};
     return LFN(gemm_any)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, 1, 0, act, NULL,
-                         param ? &u : NULL, a_finite, &rows);
+                         param ? &u : NULL, a_finite, &through);
 }
 
 static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m,
                                 int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b,
                                 int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
                                 fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd,
-                                int *a_finite, const LFN(rows) * rows) {
+                                int *a_finite, const LFN(rows) * through) {
     if (m < 0 || n < 0 || k < 0 || (unsigned)act > FBP_ACT_TANH) return FBP_ERR_INVALID;
     if (m == 0 || n == 0) return FBP_OK;
     if (!c || ldc < n || (k > 0 && (!a || !b))) return FBP_ERR_INVALID;
@@ -1001,8 +1001,8 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
     }
     const double macs = (double)m * (double)n * (double)k;
     /* an indexed operand is packed: not for the direct path (the caller's choice, see gemm_rows) */
-    if (rows &&
-        (macs <= FBP_GEMM_DIRECT_MAX_MACS || (rows->a && cs_a != 1) || (rows->b && cs_b != 1)))
+    if (through && (macs <= FBP_GEMM_DIRECT_MAX_MACS || (through->a && cs_a != 1) ||
+                    (through->b && cs_b != 1)))
         return FBP_ERR_INVALID;
     if (macs <= FBP_GEMM_DIRECT_MAX_MACS) { /* the packed path's fixed costs would dominate */
         LFN(gemm_direct)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc, alpha, beta, act,
@@ -1026,7 +1026,7 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
     int checked = a_finite ? 1 : 0; /* every A value is read, and checked, by a tile below */
     const fbp_status st = LFN(gemm_packed)(c, a, b, bias, m, n, k, rs_a, cs_a, rs_b, cs_b, ldc,
                                            alpha, beta, act, b_bytes, a_bytes, band_bytes, nthreads,
-                                           fetch_a, dact, sgd, a_finite ? &checked : NULL, rows);
+                                           fetch_a, dact, sgd, a_finite ? &checked : NULL, through);
     if (st == FBP_OK && a_finite) *a_finite = checked;
     return st;
 }
