@@ -679,6 +679,10 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
     const size_t a_row_bytes = (size_t)rs_a * sizeof(REAL);
     const int direct_a = GEMM_A_OUTER && cs_a == 1 && (a_row_bytes % 4096 != 0 || a_used_once) &&
                          a_row_bytes < 16384 && !a_idx;
+    /* An indexed A's whole slivers are copied as rows (row stride kc) into the packing buffer
+     * and read like an in-place A: the copy reads the rows through the index as packing does,
+     * without its transposes (kc * 4 bytes, at most KC's, is never a multiple of 4 KiB). */
+    const int a_rows_copied = GEMM_A_OUTER && a_idx != NULL && cs_a == 1;
     /* the gradient need not reach C: with one K block each tile is final when computed */
     REAL *band = GEMM_A_OUTER && sgd && sgd->band && k <= kc_step ? sgd->band : NULL;
     {
@@ -717,6 +721,13 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                     const int64_t n_as = (mc + MR - 1) / MR;
                     for (int64_t s = 0; s < n_as; s++) {
                         if (direct_a && (s + 1) * MR <= mc) continue; /* read in place */
+                        if (a_rows_copied && (s + 1) * MR <= mc) {
+                            for (int64_t r = 0; r < MR; r++)
+                                memcpy(packed_a + s * MR * kc + r * kc,
+                                       a + a_idx[ic + s * MR + r] * rs_a + pc,
+                                       (size_t)kc * sizeof(REAL));
+                            continue;
+                        }
                         LFN(pack_a_sliver)(packed_a + s * MR * kc,
                                            (a_idx ? a : a + (ic + s * MR) * rs_a) + pc * cs_a, rs_a,
                                            cs_a, min_i64(MR, mc - s * MR), kc,
@@ -766,10 +777,11 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                 __builtin_prefetch(c + (i + r) * ldc + j, 1, 3);
                                 __builtin_prefetch(c + (i + r) * ldc + j + cols - 1, 1, 3);
                             }
-                            const int a_in_place = direct_a && (ir + 1) * MR <= mc;
-                            const REAL *pa =
-                                a_in_place ? a + i * rs_a + pc : packed_a + ir * MR * kc;
-                            const int64_t a_rs = a_in_place ? rs_a : 0;
+                            const int a_copied = a_rows_copied && (ir + 1) * MR <= mc;
+                            const int a_in_place = (direct_a && (ir + 1) * MR <= mc) || a_copied;
+                            const REAL *pa = a_in_place && !a_copied ? a + i * rs_a + pc
+                                                                     : packed_a + ir * MR * kc;
+                            const int64_t a_rs = a_copied ? kc : a_in_place ? rs_a : 0;
                             const int b_in_place = direct_b && (jr + 1) * NR <= nc;
                             const REAL *pb =
                                 b_in_place ? b + pc * rs_b + j : packed_b + jr * NR * kc;
@@ -780,7 +792,7 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                              * alone (W3's first-layer forward +6 us a step); here the forward
                              * runs as fast as unchecked (per-op profile, within 3 us) */
                             if (a_finite && jc == 0 && jr == min_i64(1, n_bs - 1) &&
-                                !(a_in_place ? LFN(block_finite)(pa, rs_a, rows, kc)
+                                !(a_in_place ? LFN(block_finite)(pa, a_rs, rows, kc)
                                              : LFN(block_finite)(pa, 0, 1, MR * kc)))
                                 __atomic_store_n(a_finite, 0, __ATOMIC_RELAXED);
                             if (rows == MR && cols == NR && dact && last) {
@@ -796,7 +808,7 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                 continue;
                             }
                             if (a_in_place)
-                                LFN(edge_kernel)(acc, pa, rs_a, 1, pb, kc, ldb, MR, cols);
+                                LFN(edge_kernel)(acc, pa, a_rs, 1, pb, kc, ldb, MR, cols);
                             else
                                 LFN(edge_kernel)(acc, pa, 1, MR, pb, kc, ldb, rows, cols);
                             LFN(store_tile)(ct, ldt, rows, cols, acc, bias_j, alpha, beta, first,
