@@ -67,6 +67,14 @@ def _fit_loss(loss: object) -> Loss:
     return resolve_loss(loss)
 
 
+def _contiguous(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``np.ascontiguousarray(arr, dtype=dtype)``, without the call when arr already is that:
+    a plain C-contiguous ndarray of dtype (the common case, ~1 us of a tiny network's fit)."""
+    if type(arr) is np.ndarray and arr.dtype == dtype and arr.flags.c_contiguous:
+        return arr
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
 def _all_finite(arr: np.ndarray) -> bool:
     """No NaN or infinity in arr: one read-only pass in C for C-contiguous float32/float64 arrays
     (numpy's ``isfinite(arr).all()`` allocates an array-sized bool temporary), numpy otherwise."""
@@ -553,10 +561,7 @@ class Sequential(Module):
             arr = arr.reshape(-1, 1)
         if arr.shape != (rows, self.out_features):
             raise ValueError(f"{name} must have shape {(rows, self.out_features)}, got {arr.shape}")
-        if type(arr) is np.ndarray and arr.dtype == self.dtype and arr.flags.c_contiguous:
-            out = arr
-        else:
-            out = np.ascontiguousarray(arr, dtype=self.dtype)
+        out = _contiguous(arr, self.dtype)
         if not _all_finite(out):
             raise ValueError(f"{name} contains NaN or infinity")
         return out
@@ -834,10 +839,7 @@ class Sequential(Module):
             raise ValueError(
                 f"{name} has {arr.shape[1]} features, the model expects {self.in_features}"
             )
-        if type(arr) is np.ndarray and arr.dtype == self.dtype and arr.flags.c_contiguous:
-            out = arr  # what ascontiguousarray returns, without its call
-        else:
-            out = np.ascontiguousarray(arr, dtype=self.dtype)
+        out = _contiguous(arr, self.dtype)
         unchecked = arr.dtype.kind == "f" and not (
             self._finite_arrays and any(out is a for a in self._finite_arrays)
         )
