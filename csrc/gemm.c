@@ -57,6 +57,13 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
  * ahead: W4's and 1024^3 products another 0.5-1.5% (three interleaved rounds), W3's level; 4
  * rows lost 1%, 24 matched 16. */
 #define GEMM_PREFETCH_ROWS 16
+/* Vectors ahead in each row that packing a transposed B (a Linear's W.T) asks for, when B is
+ * over GEMM_PACK_AHEAD_MIN_BYTES: on a Zen 5 core (1 MB L2) W4's 256 x 1024 x 784 forward
+ * 151-164 -> 186-190 GFLOP/s with W in L3, 122 -> 143-157 from memory (C harness, interleaved;
+ * 2 and 8 vectors gained less), W4's epoch 3.31-3.33 -> 3.18-3.23 s (alternating processes).
+ * W3's epoch (a 0.8 MB W.T) ran 3% slower with the prefetches, so they wait for a bigger B. */
+#define GEMM_PACK_AHEAD 4
+#define GEMM_PACK_AHEAD_MIN_BYTES (1 << 20)
 /* Rows ahead that packing an indexed B (fit's shuffled batch in a weight gradient) asks for. */
 #define GEMM_B_ROWS_AHEAD 4
 /* The shallowest product fbp_gemm_dact fuses the activation backward into, unless dZ is at
@@ -289,9 +296,9 @@ static void LFN(pack_a_sliver)(REAL *restrict dst, const REAL *a, int64_t rs, in
 }
 
 /* Pack rows [0, kc) x cols [j0, j0 + NR) of B' into an NR-wide sliver, zero-padded. idx (a
- * row-major B only): row p of the sliver is row idx[p] of b. */
+ * row-major B only): row p of the sliver is row idx[p] of b. far: B is too big to be in L2. */
 static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, int64_t cs,
-                               int64_t cols, int64_t kc, const int64_t *idx) {
+                               int64_t cols, int64_t kc, const int64_t *idx, int far) {
     if (cs == 1) {
         if (cols == NR) {
             for (int64_t p = 0; p < kc; p++)
@@ -323,6 +330,12 @@ static void LFN(pack_b_sliver)(REAL *restrict dst, const REAL *b, int64_t rs, in
                 for (int i = 0; i < VLN; i++)
                     r[i] =
                         v * VL + i < cols ? V_(vload)(b + (v * VL + i) * cs + p0) : V_(vbcast)(0);
+                /* 2 x VL rows are read side by side, one line each per step, too many streams
+                 * for the hardware prefetcher to follow when B comes from L3 or memory */
+#pragma GCC unroll 16
+                for (int i = 0; i < VLN; i++)
+                    if (far && v * VL + i < cols)
+                        __builtin_prefetch(b + (v * VL + i) * cs + p0 + GEMM_PACK_AHEAD * VL, 0, 3);
                 if (v * VL < cols) LFN(transpose_block)(r);
 #pragma GCC unroll 16
                 for (int q = 0; q < VLN; q++) V_(vstore)(dst + (p0 + q) * NR + v * VL, r[q]);
@@ -683,6 +696,7 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
      * and read like an in-place A: the copy reads the rows through the index as packing does,
      * without its transposes (kc * 4 bytes, at most KC's, is never a multiple of 4 KiB). */
     const int a_rows_copied = GEMM_A_OUTER && a_idx != NULL && cs_a == 1;
+    const int b_far = (double)n * (double)k * sizeof(REAL) > GEMM_PACK_AHEAD_MIN_BYTES;
     /* the gradient need not reach C: with one K block each tile is final when computed */
     REAL *band = GEMM_A_OUTER && sgd && sgd->band && k <= kc_step ? sgd->band : NULL;
     {
@@ -714,7 +728,7 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                     if (direct_b && (s + 1) * NR <= nc) continue; /* read in place */
                     LFN(pack_b_sliver)(
                         packed_b + s * NR * kc, (b_idx ? b : b + pc * rs_b) + (jc + s * NR) * cs_b,
-                        rs_b, cs_b, min_i64(NR, nc - s * NR), kc, b_idx ? b_idx + pc : NULL);
+                        rs_b, cs_b, min_i64(NR, nc - s * NR), kc, b_idx ? b_idx + pc : NULL, b_far);
                 }
                 for (int64_t ic = 0; ic < m; ic += MC) {
                     const int64_t mc = min_i64(MC, m - ic);
