@@ -224,6 +224,9 @@ FBP_FORWARDERS(double, f64, active_f64)
                                    double lr, double weight_decay, int keep_grad, int *a_finite) { \
         return TABLE->gemm_rows(c, a, a_rows, b, b_rows, bias, m, n, k, rs_a, cs_a, rs_b, cs_b,    \
                                 ldc, act, param, lr, weight_decay, keep_grad, a_finite);           \
+    }                                                                                              \
+    fbp_status fbp_fma_probe_##SFX(double *flops, int64_t iters, int threads) {                    \
+        return TABLE->fma_probe(flops, iters, threads);                                            \
     }
 
 FBP_INTERNAL_FORWARDERS(float, f32, active_f32)

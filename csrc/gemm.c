@@ -944,6 +944,37 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
                                 fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd,
                                 int *a_finite, const LFN(rows) * through);
 
+/* The micro-kernel's arithmetic alone: its MR * NV accumulators, each a chain of iters
+ * multiply-adds (no loads), on each of `threads` threads at once. What the GEMM's inner loop
+ * could reach with its operands free, for the benchmark report's "of FMA peak": the machine's
+ * peak for these kernels, measured rather than taken from a data sheet (turbo, a VM's share of
+ * the core and the FMA units' count all vary). The values settle towards 1 (x -> x * 0.999 +
+ * 0.001), never subnormal or infinite. *flops: the floating-point operations done. */
+fbp_status KFN(fma_probe)(double *flops, int64_t iters, int threads) {
+    if (!flops || iters < 0 || threads < 1) return FBP_ERR_INVALID;
+    int team = 1;
+    REAL sink = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+#pragma omp single
+        team = omp_get_num_threads();
+        VEC acc[MR * NV];
+        const VEC mul = V_(vbcast)((REAL)0.999), add = V_(vbcast)((REAL)0.001);
+#pragma GCC unroll 32
+        for (int i = 0; i < MR * NV; i++) acc[i] = V_(vbcast)((REAL)i);
+        for (int64_t it = 0; it < iters; it++) {
+#pragma GCC unroll 32
+            for (int i = 0; i < MR * NV; i++) acc[i] = acc[i] * mul + add;
+        }
+        VEC total = acc[0];
+        for (int i = 1; i < MR * NV; i++) total += acc[i];
+        for (int64_t l = 0; l < VL; l++) sink += total[l];
+    }
+    *flops = 2.0 * (double)iters * (double)(MR * NV * VL) * team;
+    /* the sum is finite and positive; a check the compiler cannot drop keeps the loop */
+    return sink > 0 ? FBP_OK : FBP_ERR_NONFINITE;
+}
+
 fbp_status KFN(gemm)(REAL *c, const REAL *a, const REAL *b, const REAL *bias, int64_t m, int64_t n,
                      int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc,
                      REAL alpha, REAL beta, fbp_activation act) {

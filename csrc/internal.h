@@ -54,7 +54,8 @@ typedef struct {
     int (*copy_finite)(T *, const T *, int64_t);                                                   \
     fbp_status (*gemm_rows)(T *, const T *, const int64_t *, const T *, const int64_t *,           \
                             const T *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,       \
-                            int64_t, int64_t, fbp_activation, T *, double, double, int, int *);
+                            int64_t, int64_t, fbp_activation, T *, double, double, int, int *);    \
+    fbp_status (*fma_probe)(double *, int64_t, int);
 
 typedef struct {
     FBP_TABLE_FIELDS(float)
@@ -142,6 +143,12 @@ fbp_status fbp_gemm_rows_f64(double *c, const double *a, const int64_t *a_rows, 
                              int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b,
                              int64_t ldc, fbp_activation act, double *param, double lr,
                              double weight_decay, int keep_grad, int *a_finite);
+
+/* The active ISA's GEMM micro-kernel arithmetic alone (its accumulators' multiply-add chains,
+ * no loads), iters steps on each of `threads` threads at once; *flops: the operations done. For
+ * the benchmark's measured FMA peak. */
+fbp_status fbp_fma_probe_f32(double *flops, int64_t iters, int threads);
+fbp_status fbp_fma_probe_f64(double *flops, int64_t iters, int threads);
 
 /* Threads for a piece of work: 1 when the work is small (below `grain` units per thread), up
  * to fbp_get_num_threads(). Work is split by deterministic ranges so results never depend on

@@ -29,6 +29,7 @@ FBP_DECLARE_ISA_KERNELS(double, f64_avx2)
         .gemm_check_a = FBP_CAT(fbp_gemm_check_a_, S),                                             \
         .copy_finite = FBP_CAT(fbp_copy_finite_, S),                                               \
         .gemm_rows = FBP_CAT(fbp_gemm_rows_, S),                                                   \
+        .fma_probe = FBP_CAT(fbp_fma_probe_, S),                                                   \
     }
 
 const fbp_table_f32 FBP_CAT(fbp_table_f32_,

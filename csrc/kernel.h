@@ -32,7 +32,8 @@
                                  int64_t cs_b, int64_t ldc, fbp_activation act, T *param,          \
                                  double lr, double weight_decay, int keep_grad, int *a_finite);    \
     fbp_status fbp_small_step_##S(const fbp_small_net *net, double *loss, int64_t rows,            \
-                                  fbp_loss kind, fbp_optimizer *opt);
+                                  fbp_loss kind, fbp_optimizer *opt);                              \
+    fbp_status fbp_fma_probe_##S(double *flops, int64_t iters, int threads);
 #define FBP_DECLARE_ISA_KERNELS(T, S) FBP_DECLARE_ISA_KERNELS_(T, S)
 FBP_DECLARE_ISA_KERNELS(float, FBP_CAT3(f32, _, FBP_ISA_SUFFIX))
 FBP_DECLARE_ISA_KERNELS(double, FBP_CAT3(f64, _, FBP_ISA_SUFFIX))

@@ -55,10 +55,17 @@ def test_quick_report_writes_table_and_chart(tmp_path: pathlib.Path) -> None:
     # steps for the tiny ones
     assert "## Where fastbp's step goes" in table
     assert "| W3-sgd, 1 thread | Linear(784, 256) + ReLU |" in table
+    # the measured multiply-add peak, and each rate as a share of it
+    assert "multiply-add peak of fastbp's" in table and "GFLOP/s at 1 thread" in table
+    assert "| of FMA peak |" in table
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    peak = results["fma_peak_gflops"]["1"]
+    assert peak > 0
     assert {r["workload"] for r in results["rows"]} == set(QUICK)
     for row in results["rows"]:
         assert set(row["runs"]) == set(CONTENDERS)
+        fit = row["runs"]["fastbp"]
+        assert fit["of_fma_peak"] == pytest.approx(fit["gflops"] / peak)
         assert len(row["runs"]["fastbp"]["times"]) == 2
         assert row["runs"]["fastbp"]["time_vs_fastbp"] == pytest.approx(1.0)
         profile = row["profile"]

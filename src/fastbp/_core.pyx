@@ -130,6 +130,10 @@ cdef extern from *:
     """
     const char *fbp_version()
 
+cdef extern from "internal.h" nogil:
+    fbp_status fbp_fma_probe_f32(double *flops, int64_t iters, int threads)
+    fbp_status fbp_fma_probe_f64(double *flops, int64_t iters, int threads)
+
 
 ISA_NAMES = tuple(fbp_isa_name(<fbp_isa>i).decode() for i in range(FBP_ISA_COUNT))
 
@@ -867,6 +871,24 @@ cdef class Plan:
             raise NonFiniteInputError(0, -1)
         check(status, "evaluate")
         return loss_sum, correct
+
+
+def fma_probe(bint float64, int64_t iters, int threads):
+    """Run the active kernels' multiply-add probe (fbp_fma_probe: the GEMM micro-kernel's
+    accumulator chains, no loads) for ``iters`` steps on ``threads`` threads at once; returns
+    the floating-point operations done. The caller times the call (the GIL is released)."""
+    if iters < 0 or threads < 1:
+        raise ValueError(f"need iters >= 0 and threads >= 1, got {iters}, {threads}")
+    cdef double flops = 0
+    cdef fbp_status status
+    with nogil:
+        if float64:
+            status = fbp_fma_probe_f64(&flops, iters, threads)
+        else:
+            status = fbp_fma_probe_f32(&flops, iters, threads)
+    if status != FBP_OK:
+        raise RuntimeError(f"the FMA probe failed (status {status})")
+    return flops
 
 
 def shuffle(int64_t[::1] order, uint64_t seed):

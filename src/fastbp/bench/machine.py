@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ __all__ = [
     "cpu_load",
     "cpu_model",
     "cpu_sample",
+    "fma_peak",
     "machine_summary",
     "thread_limits",
 ]
@@ -93,6 +95,38 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def fma_peak(
+    threads: int = 1, float64: bool = False, seconds: float = 0.05, rounds: int = 5
+) -> float:
+    """The multiply-add peak of fastbp's active kernels on ``threads`` threads at once, in
+    GFLOP/s: the GEMM micro-kernel's accumulator chains with no loads
+    (``fastbp._core.fma_probe``), the best of ``rounds`` calls of about ``seconds`` each (the
+    best, since nothing makes the arithmetic faster than it is; a disturbed call only lowers
+    it). Measured, not taken from a data sheet: turbo, a virtual machine's share of its cores and
+    the FMA units per core all vary, and the report's "of FMA peak" needs this machine's."""
+    from fastbp import _core
+
+    if threads < 1 or rounds < 1 or not seconds > 0:
+        raise ValueError(
+            f"need threads >= 1, rounds >= 1, seconds > 0; got {threads}, {rounds}, {seconds}"
+        )
+    iters = 10_000
+    while True:  # size one call from a short one, warming the core up as it goes
+        t0 = time.perf_counter()
+        _core.fma_probe(float64, iters, threads)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds / 4:
+            break
+        iters *= 4
+    iters = max(1, round(iters * seconds / elapsed))
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        flops = _core.fma_probe(float64, iters, threads)
+        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def machine_summary() -> dict[str, object]:

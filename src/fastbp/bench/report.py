@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .machine import DISTURBED_FOREIGN_FRAC, cpu_load, cpu_sample, machine_summary, thread_limits
+from .machine import (
+    DISTURBED_FOREIGN_FRAC,
+    cpu_load,
+    cpu_sample,
+    fma_peak,
+    machine_summary,
+    thread_limits,
+)
 from .products import GEMM_CONTENDERS, step_products, time_products
 from .workloads import (
     CONTENDERS,
@@ -109,6 +116,8 @@ class Suite:
     rows: list[BenchRow]
     versions: dict[str, str]
     load: dict[str, float | None]
+    #: thread count -> fastbp's measured float32 multiply-add peak there, GFLOP/s (fma_peak)
+    fma_peak_gflops: dict[int, float] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[str]:
@@ -150,9 +159,11 @@ def run_suite(
     suite_before = cpu_sample()
     rows: list[BenchRow] = []
     effective: dict[int, dict[str, object]] = {}
+    peaks: dict[int, float] = {}
     for n in threads:
         with thread_limits(n) as eff:
             effective[n] = eff
+            peaks[n] = fma_peak(int(eff["fastbp"]))
             gemms = _gemm_contenders(eff, n)
             products: dict[tuple, dict[str, object]] = {}  # W3's SGD and Adam rows share one
             for key in keys:
@@ -167,6 +178,7 @@ def run_suite(
         rows=rows,
         versions=_versions(),
         load=cpu_load(suite_before, cpu_sample()),
+        fma_peak_gflops=peaks,
     )
 
 
@@ -390,6 +402,15 @@ def write_markdown(suite: Suite, path: pathlib.Path) -> None:
     ]
     for n, eff in suite.effective_threads.items():
         lines.append(f"- threads in effect at {n}: {eff}")
+    if suite.fma_peak_gflops:
+        lines.append(
+            f"- float32 multiply-add peak of fastbp's {m['isa']} kernels, measured "
+            "(`fastbp.bench.machine.fma_peak`: the GEMM micro-kernel's arithmetic without loads): "
+            + ", ".join(
+                f"{gf:.0f} GFLOP/s at {n} thread{'s' if n > 1 else ''}"
+                for n, gf in suite.fma_peak_gflops.items()
+            )
+        )
     lines += [
         f"- machine load over the run: busy {_frac(suite.load['cpu_busy_frac'])}, foreign "
         f"(other processes + steal) {_frac(suite.load['foreign_busy_frac'])}",
@@ -420,19 +441,23 @@ def write_markdown(suite: Suite, path: pathlib.Path) -> None:
         "## Rates",
         "",
         "µs per optimizer step, samples per second and GFLOP/s (a step costs "
-        "6·B·Σ(in·out) − 2·B·in₀·out₀ flops), from the median time.",
+        "6·B·Σ(in·out) − 2·B·in₀·out₀ flops), from the median time; *of FMA peak*: that "
+        "rate over the measured multiply-add peak at the row's thread count (above).",
         "",
-        "| benchmark | contender | µs/step | samples/s | GFLOP/s |",
-        "|---|---|---|---|---|",
+        "| benchmark | contender | µs/step | samples/s | GFLOP/s | of FMA peak |",
+        "|---|---|---|---|---|---|",
     ]
     for row in suite.rows:
+        peak = suite.fma_peak_gflops.get(row.threads)
         for c in contenders:
             med = row.runs[c].median
             if med is None:
                 continue
+            gflops = row.flops / med / 1e9
+            share = f"{gflops / peak:.0%}" if peak else "-"
             lines.append(
                 f"| {row.name} | {LABELS[c]} | {med / row.steps * 1e6:.1f} | "
-                f"{row.samples / med:,.0f} | {row.flops / med / 1e9:.2f} |"
+                f"{row.samples / med:,.0f} | {gflops:.2f} | {share} |"
             )
     lines += [
         "",
@@ -633,6 +658,9 @@ def write_report(suite: Suite, output: pathlib.Path) -> dict[str, pathlib.Path |
                 raw["runs"][c]["us_per_step"] = med / row.steps * 1e6
                 raw["runs"][c]["samples_per_s"] = row.samples / med
                 raw["runs"][c]["gflops"] = row.flops / med / 1e9
+                peak = suite.fma_peak_gflops.get(row.threads)
+                if peak:
+                    raw["runs"][c]["of_fma_peak"] = row.flops / med / 1e9 / peak
     (output / "results.json").write_text(
         json.dumps(data, indent=1, default=_json_default), encoding="utf-8"
     )
