@@ -60,8 +60,9 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
 /* Vectors ahead in each row that packing a transposed B (a Linear's W.T) asks for, when B is
  * over GEMM_PACK_AHEAD_MIN_BYTES: on a Zen 5 core (1 MB L2) W4's 256 x 1024 x 784 forward
  * 151-164 -> 186-190 GFLOP/s with W in L3, 122 -> 143-157 from memory (C harness, interleaved;
- * 2 and 8 vectors gained less), W4's epoch 3.31-3.33 -> 3.18-3.23 s (alternating processes).
- * W3's epoch (a 0.8 MB W.T) ran 3% slower with the prefetches, so they wait for a bigger B. */
+ * 2 and 8 vectors, and prefetching into L2 only, gained less); in W4's fit the first layer's
+ * forward 2555-2747 -> 2241-2527 us a step (per-op profile, alternating processes), the epoch
+ * 1-4% faster. W3's epoch (a 0.8 MB W.T) ran 3% slower with them, so they wait for a bigger B. */
 #define GEMM_PACK_AHEAD 4
 #define GEMM_PACK_AHEAD_MIN_BYTES (1 << 20)
 /* Rows ahead that packing an indexed B (fit's shuffled batch in a weight gradient) asks for. */
