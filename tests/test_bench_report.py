@@ -232,3 +232,25 @@ def test_numpy_gemm_is_timed_only_when_held_to_the_thread_count(blas, expected) 
     from fastbp.bench import report
 
     assert report._gemm_contenders({"fastbp": 2, "torch": 2, "numpy_blas": blas}, 2) == expected
+
+
+def test_suite_keeps_the_higher_fma_peak(monkeypatch) -> None:
+    """The suite probes the FMA peak before and after each thread count's workloads and keeps
+    the higher (a disturbed probe only lowers it), settling the thread pools first whenever
+    the probe runs on more than one thread."""
+    from fastbp.bench import report
+
+    probes = iter([100.0, 150.0, 400.0, 300.0])
+    events = []
+    monkeypatch.setattr(report, "_settle", lambda: events.append("settle"))
+
+    def fake_peak(threads: int) -> float:
+        events.append(f"probe {threads}")
+        return next(probes)
+
+    monkeypatch.setattr(report, "fma_peak", fake_peak)
+    suite = report.run_suite([], [1, 2], 1, scale="smoke", log=lambda *_: None)
+    assert suite.fma_peak_gflops == {1: 150.0, 2: 400.0}
+    two = int(suite.effective_threads[2]["fastbp"])  # 1 on a one-core machine
+    parallel = ["settle", f"probe {two}"] if two > 1 else [f"probe {two}"]
+    assert events == ["probe 1", "probe 1", *parallel, *parallel]
