@@ -417,7 +417,8 @@ def write_markdown(suite: Suite, path: pathlib.Path) -> None:
     if suite.fma_peak_gflops:
         lines.append(
             f"- float32 multiply-add peak of fastbp's {m['isa']} kernels, measured "
-            "(`fastbp.bench.machine.fma_peak`: the GEMM micro-kernel's arithmetic without loads): "
+            "(`fastbp.bench.machine.fma_peak`: the GEMM micro-kernel's arithmetic without loads, "
+            "the higher of a probe before and one after each thread count's workloads): "
             + ", ".join(
                 f"{gf:.0f} GFLOP/s at {n} thread{'s' if n > 1 else ''}"
                 for n, gf in suite.fma_peak_gflops.items()
