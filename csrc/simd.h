@@ -79,7 +79,8 @@ FBP_INLINE vf64 vgather_part_f64(const double *p, int64_t s, int64_t n) {
  * register. The generic two-vector shuffles compiled to vpermt2ps, which overwrites a source,
  * with a register copy before most (41 moves in a 16 x 16 block). With the packing loop order
  * of pack_b_sliver, products of a transposed B (a Linear's forward) 3-6% faster at one and two
- * threads, float64 0-3% (Zen 5, both builds' fbp_gemm called in turn in one process). */
+ * threads, float64 0-3% (Zen 5, both builds' fbp_gemm called in turn in one process); level in
+ * fit's per-op profile. */
 FBP_INLINE void vtranspose_f32(vf32 r[16]) {
     __m512 t[16], u[16];
     for (int i = 0; i < 16; i += 2) { /* t[i + c] lane L: rows i, i + 1 at columns 4L + 2c, +1 */
