@@ -74,6 +74,16 @@ FBP_INLINE vf64 vgather_part_f64(const double *p, int64_t s, int64_t n) {
                                           8);
 }
 #define FBP_HAVE_VGATHER 1
+/* The 4 x 4 transpose of 128-bit lanes: r[q + i s] lane j = (a, b, c, d)[j] lane i. */
+#define FBP_TRANSPOSE_LANES(T, V, SHUF, r, q, s, a, b, c, d)                                       \
+    do {                                                                                           \
+        const T lo_ab = SHUF(a, b, 0x44), hi_ab = SHUF(a, b, 0xEE);                                \
+        const T lo_cd = SHUF(c, d, 0x44), hi_cd = SHUF(c, d, 0xEE);                                \
+        (r)[q] = (V)SHUF(lo_ab, lo_cd, 0x88);                                                      \
+        (r)[(q) + (s)] = (V)SHUF(lo_ab, lo_cd, 0xDD);                                              \
+        (r)[(q) + 2 * (s)] = (V)SHUF(hi_ab, hi_cd, 0x88);                                          \
+        (r)[(q) + 3 * (s)] = (V)SHUF(hi_ab, hi_cd, 0xDD);                                          \
+    } while (0)
 /* In-register transposes of a lanes x lanes block for the transposing packs (gemm.c): unpacks
  * within 128-bit lanes, then two rounds of 128-bit lane shuffles, every step writing a new
  * register. The generic two-vector shuffles compiled to vpermt2ps, which overwrites a source,
@@ -95,16 +105,9 @@ FBP_INLINE void vtranspose_f32(vf32 r[16]) {
         u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
         u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
     }
-    for (int c = 0; c < 4; c++) { /* column 4L + c: lane L of u[c], u[4 + c], u[8 + c], u[12 + c] */
-        const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
-        const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-        const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-        const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-        r[c] = (vf32)_mm512_shuffle_f32x4(v0, v2, 0x88);
-        r[4 + c] = (vf32)_mm512_shuffle_f32x4(v0, v2, 0xDD);
-        r[8 + c] = (vf32)_mm512_shuffle_f32x4(v1, v3, 0x88);
-        r[12 + c] = (vf32)_mm512_shuffle_f32x4(v1, v3, 0xDD);
-    }
+    for (int c = 0; c < 4; c++) /* column 4L + c: lane L of u[c], u[4 + c], u[8 + c], u[12 + c] */
+        FBP_TRANSPOSE_LANES(__m512, vf32, _mm512_shuffle_f32x4, r, c, 4, u[c], u[4 + c], u[8 + c],
+                            u[12 + c]);
 }
 FBP_INLINE void vtranspose_f64(vf64 r[8]) {
     __m512d t[8];
@@ -112,16 +115,9 @@ FBP_INLINE void vtranspose_f64(vf64 r[8]) {
         t[i] = _mm512_unpacklo_pd((__m512d)r[i], (__m512d)r[i + 1]);
         t[i + 1] = _mm512_unpackhi_pd((__m512d)r[i], (__m512d)r[i + 1]);
     }
-    for (int c = 0; c < 2; c++) { /* column 2L + c: lane L of t[c], t[2 + c], t[4 + c], t[6 + c] */
-        const __m512d v0 = _mm512_shuffle_f64x2(t[c], t[2 + c], 0x44);
-        const __m512d v1 = _mm512_shuffle_f64x2(t[c], t[2 + c], 0xEE);
-        const __m512d v2 = _mm512_shuffle_f64x2(t[4 + c], t[6 + c], 0x44);
-        const __m512d v3 = _mm512_shuffle_f64x2(t[4 + c], t[6 + c], 0xEE);
-        r[c] = (vf64)_mm512_shuffle_f64x2(v0, v2, 0x88);
-        r[2 + c] = (vf64)_mm512_shuffle_f64x2(v0, v2, 0xDD);
-        r[4 + c] = (vf64)_mm512_shuffle_f64x2(v1, v3, 0x88);
-        r[6 + c] = (vf64)_mm512_shuffle_f64x2(v1, v3, 0xDD);
-    }
+    for (int c = 0; c < 2; c++) /* column 2L + c: lane L of t[c], t[2 + c], t[4 + c], t[6 + c] */
+        FBP_TRANSPOSE_LANES(__m512d, vf64, _mm512_shuffle_f64x2, r, c, 2, t[c], t[2 + c], t[4 + c],
+                            t[6 + c]);
 }
 #define FBP_HAVE_VTRANSPOSE 1
 #elif FBP_VBYTES == 32 && defined(__AVX2__)
