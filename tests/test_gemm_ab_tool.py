@@ -24,9 +24,14 @@ def _load_tool():
 
 def test_parse_shape() -> None:
     tool = _load_tool()
-    assert tool.parse_shape("7x33x5") == (7, 33, 5, False, False)
-    assert tool.parse_shape("7x33x5:tb") == (7, 33, 5, False, True)
-    assert tool.parse_shape("7x33x5:ta,tb") == (7, 33, 5, True, True)
+
+    def fields(text: str) -> tuple[int, int, int, bool, bool]:
+        p = tool.parse_shape(text)
+        return p.m, p.n, p.k, p.trans_a, p.trans_b
+
+    assert fields("7x33x5") == (7, 33, 5, False, False)
+    assert fields("7x33x5:tb") == (7, 33, 5, False, True)
+    assert fields("7x33x5:ta,tb") == (7, 33, 5, True, True)
     for bad in ("7x33", "7x33x0", "7xax5", "7x33x5:tc"):
         with pytest.raises(argparse.ArgumentTypeError):
             tool.parse_shape(bad)

@@ -31,23 +31,18 @@ import time
 
 import numpy as np
 
-# m, n, k, A stored transposed, B stored transposed: a square product, then W3's and W4's
-# forward (B = W.T), weight-gradient (A = dZ.T) and input-gradient products
-DEFAULT_SHAPES = (
-    "1024x1024x1024",
-    "128x256x784:tb",
-    "256x784x128:ta",
-    "128x128x256:tb",
-    "128x256x128",
-    "256x1024x784:tb",
-    "1024x784x256:ta",
-    "256x1024x1024:tb",
-    "1024x1024x256:ta",
-    "256x1024x1024",
-)
+import fastbp
+from fastbp.bench.products import Product, _operands, step_products
 
 
-def parse_shape(text: str) -> tuple[int, int, int, bool, bool]:
+def default_products() -> list[Product]:
+    """A square product, then W3's and W4's forward (B = W.T), weight-gradient (A = dZ.T) and
+    input-gradient products, but for the tiny ones of their 10-class output layers."""
+    hidden = step_products((784, 256, 128), 128) + step_products((784, 1024, 1024), 256)
+    return [Product("1024x1024x1024", 1024, 1024, 1024), *hidden]
+
+
+def parse_shape(text: str) -> Product:
     """``MxNxK`` with an optional ``:ta``, ``:tb`` or ``:ta,tb`` suffix."""
     dims, _, flags = text.partition(":")
     try:
@@ -57,7 +52,7 @@ def parse_shape(text: str) -> tuple[int, int, int, bool, bool]:
     marks = {f for f in flags.split(",") if f}
     if min(m, n, k) < 1 or not marks <= {"ta", "tb"}:
         raise argparse.ArgumentTypeError(f"shape must be MxNxK[:ta,tb], got {text!r}")
-    return m, n, k, "ta" in marks, "tb" in marks
+    return Product(text, m, n, k, trans_a="ta" in marks, trans_b="tb" in marks)
 
 
 def find_extension(path: str) -> str:
@@ -86,33 +81,19 @@ def load_gemm(path: str, dtype: np.dtype, isa: str, threads: int):
     return gemm
 
 
-def aligned(shape: tuple[int, int], dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
-    """A 64-byte aligned C-contiguous array of uniform [0, 1) values."""
-    size = shape[0] * shape[1]
-    buf = np.empty(size + 64 // dtype.itemsize, dtype)
-    start = (-buf.ctypes.data % 64) // dtype.itemsize
-    out = buf[start : start + size].reshape(shape)
-    out[...] = rng.random(shape)
-    return out
-
-
-def compare(gemms: dict, shape: tuple[int, int, int, bool, bool], dtype, rounds: int) -> str:
-    """One line: both builds' GFLOP/s on ``shape``, new / old, and whether the bits agree."""
-    m, n, k, ta, tb = shape
-    rng = np.random.default_rng(0)
-    a = aligned((k, m) if ta else (m, k), dtype, rng)
-    b = aligned((n, k) if tb else (k, n), dtype, rng)
-    c = aligned((m, n), dtype, rng)
-    rs_a, cs_a = (1, m) if ta else (k, 1)
-    rs_b, cs_b = (1, k) if tb else (n, 1)
+def compare(gemms: dict, p: Product, dtype: np.dtype, rounds: int) -> str:
+    """One line: both builds' GFLOP/s on ``p``, new / old, and whether the bits agree."""
+    m, n, k = p.m, p.n, p.k
+    a, b, c = _operands(p, dtype, np.random.default_rng(0))
+    rs_a, cs_a = (1, m) if p.trans_a else (k, 1)
+    rs_b, cs_b = (1, k) if p.trans_b else (n, 1)
     args = (c.ctypes.data, a.ctypes.data, b.ctypes.data, None, m, n, k)
     args += (rs_a, cs_a, rs_b, cs_b, n, 1.0, 0.0, 0)
     results = {}
     for who, gemm in gemms.items():
         if gemm(*args) != 0:
-            raise SystemExit(f"{who}'s fbp_gemm failed on {m}x{n}x{k}")
+            raise SystemExit(f"{who}'s fbp_gemm failed on {p.shape}")
         results[who] = c.copy()
-    flops = 2.0 * m * n * k
     t0 = time.perf_counter()
     gemms["old"](*args)
     one = max(time.perf_counter() - t0, 1e-7)
@@ -126,10 +107,10 @@ def compare(gemms: dict, shape: tuple[int, int, int, bool, bool], dtype, rounds:
             for _ in range(calls):
                 gemm(*args)
             times[who].append((time.perf_counter() - t0) / calls)
-    rate = {who: flops / statistics.median(t) / 1e9 for who, t in times.items()}
+    rate = {who: p.flops / statistics.median(t) / 1e9 for who, t in times.items()}
     same = np.array_equal(results["old"], results["new"])
-    marks = ",".join(f for f, on in (("ta", ta), ("tb", tb)) if on)
-    label = f"{m}x{n}x{k}" + (f":{marks}" if marks else "")
+    marks = ",".join(f for f, on in (("ta", p.trans_a), ("tb", p.trans_b)) if on)
+    label = p.shape + (f":{marks}" if marks else "")
     return (
         f"{label:20s} old {rate['old']:7.1f}  new {rate['new']:7.1f} GFLOP/s  "
         f"new/old {rate['new'] / rate['old']:.3f}  {'same bits' if same else 'bits differ'}"
@@ -152,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1 or args.rounds < 1:
         parser.error("--threads and --rounds must be at least 1")
-    import fastbp  # this environment's build says what the CPU runs
-
     available = fastbp.get_config()["available_isas"]
     isa = args.isa or fastbp.get_config()["isa"]
     if isa not in available:
@@ -163,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "old": load_gemm(args.old, dtype, isa, args.threads),
         "new": load_gemm(args.new, dtype, isa, args.threads),
     }
-    for shape in args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]:
-        print(compare(gemms, shape, dtype, args.rounds), flush=True)
+    for product in args.shapes or default_products():
+        print(compare(gemms, product, dtype, args.rounds), flush=True)
     return 0
 
 
