@@ -5,6 +5,7 @@
  * three activation and loss calls and the update for W2's 1-2-5-1) spent about half of it in
  * calls, argument checks and stride-generic loops. Here each layer is a few loops over
  * registers with the layout known. W2: 0.285 -> 0.134 us per step (AVX2 kernel, isa_table.c).
+ * A batch of one gets its own inlined copy with the row loops folded away (see the end).
  *
  * Every element gets exactly the operations of the general path, in the same order: the direct
  * GEMM (K terms from 0 in order, one FMA each, then the bias, then the activation),
@@ -65,9 +66,10 @@ FBP_INLINE VEC LFN(small_column)(const REAL *w, int64_t in, int64_t cnt) {
  * the two broadcasts' product into a scalar multiply and dropped the FMA. */
 
 /* y (rows x out) = act(x (rows x in) @ W^T + b) with W (out x in). */
-static void LFN(small_linear_forward)(REAL *restrict y, const REAL *restrict x,
-                                      const REAL *restrict w, const REAL *restrict bias,
-                                      int64_t rows, int64_t in, int64_t out, fbp_activation act) {
+FBP_INLINE void LFN(small_linear_forward)(REAL *restrict y, const REAL *restrict x,
+                                          const REAL *restrict w, const REAL *restrict bias,
+                                          int64_t rows, int64_t in, int64_t out,
+                                          fbp_activation act) {
     if (out == 1) {
         for (int64_t r = 0; r < rows; r++) {
             const REAL *xr = x + r * in;
@@ -95,10 +97,11 @@ static void LFN(small_linear_forward)(REAL *restrict y, const REAL *restrict x,
 /* From dy = dL/dy (rows x out): dz = dL/dz, db (out, when not NULL), dw (out x in) and, when
  * dx is not NULL, dx = dL/dx (rows x in), which may be dy's buffer (dy is read first). y is the
  * layer's output, x its input, w its weight. */
-static void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *restrict dw,
-                                       REAL *restrict db, const REAL *dy, const REAL *restrict y,
-                                       const REAL *restrict x, const REAL *restrict w, int64_t rows,
-                                       int64_t in, int64_t out, fbp_activation act) {
+FBP_INLINE void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *restrict dw,
+                                           REAL *restrict db, const REAL *dy,
+                                           const REAL *restrict y, const REAL *restrict x,
+                                           const REAL *restrict w, int64_t rows, int64_t in,
+                                           int64_t out, fbp_activation act) {
     const int64_t vecs = (out + VL - 1) / VL;
     if (out == 1) {
         VEC dbv = V_(vbcast)(0);
@@ -125,7 +128,17 @@ static void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *restri
         }
         if (db) V_(vstore_n)(db + v * VL, dbv, cnt);
     }
-    for (int64_t j = 0; j < out; j++) /* dW = dZ^T @ x: row j sums rows of x weighted by dZ[:, j] */
+    if (rows == 1) { /* dW = dZ^T @ x is an outer product: each chunk of x is loaded once
+                      * (W2: 1,946 -> 1,728 instructions a step, 0.241 -> 0.221 us) */
+        for (int64_t p0 = 0; p0 < in; p0 += VL) {
+            const int64_t cnt = in - p0 < VL ? in - p0 : VL;
+            const VEC xv = V_(vload_n)(x + p0, cnt);
+            for (int64_t j = 0; j < out; j++) /* from 0 like the sum below: 0 + (-0) is +0 */
+                V_(vstore_n)(dw + j * in + p0, V_(vbcast)(0) + V_(vbcast)(dz[j]) * xv, cnt);
+        }
+    }
+    for (int64_t j = 0; j < out && rows > 1;
+         j++) /* dW = dZ^T @ x: row j sums rows of x by dZ[:, j] */
         for (int64_t p0 = 0; p0 < in; p0 += VL) {
             const int64_t cnt = in - p0 < VL ? in - p0 : VL;
             VEC acc = V_(vbcast)(0);
@@ -144,8 +157,8 @@ static void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *restri
         }
 }
 
-fbp_status KFN(small_step)(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
-                           fbp_optimizer *opt) {
+FBP_INLINE fbp_status LFN(small_step_rows)(const fbp_small_net *net, double *loss, int64_t rows,
+                                           fbp_loss kind, fbp_optimizer *opt) {
     if (!net || !loss || rows <= 0 || net->n_ops <= 0) return FBP_ERR_INVALID;
     const int adam = opt && (opt->kind == FBP_OPT_ADAM || opt->kind == FBP_OPT_ADAMW);
     if (opt) { /* sgd_step's and adam_step's checks (optim.c), before anything is written */
@@ -229,6 +242,16 @@ fbp_status KFN(small_step)(const fbp_small_net *net, double *loss, int64_t rows,
                        opt->nesterov, opt->step == 0);
     opt->step++;
     return FBP_OK;
+}
+
+/* A batch of one (W2, online training) gets its own copy: with rows a constant 1 the row loops,
+ * the r * width offsets and the branches on them fold away. W2 on Zen 2: 1,728 -> 1,488
+ * instructions a step (callgrind), 0.214 -> 0.175 us a step; W1's cold fit (batches of 10, the
+ * general copy) 93-96 -> 87-90 us, the calls inlined. Same arithmetic in both copies. */
+fbp_status KFN(small_step)(const fbp_small_net *net, double *loss, int64_t rows, fbp_loss kind,
+                           fbp_optimizer *opt) {
+    if (rows == 1) return LFN(small_step_rows)(net, loss, 1, kind, opt);
+    return LFN(small_step_rows)(net, loss, rows, kind, opt);
 }
 
 #endif /* FBP_TEMPLATE_PASS */
