@@ -137,8 +137,8 @@ FBP_INLINE void LFN(small_linear_backward)(REAL *dx, REAL *restrict dz, REAL *re
                 V_(vstore_n)(dw + j * in + p0, V_(vbcast)(0) + V_(vbcast)(dz[j]) * xv, cnt);
         }
     }
-    for (int64_t j = 0; j < out && rows > 1;
-         j++) /* dW = dZ^T @ x: row j sums rows of x by dZ[:, j] */
+    /* dW = dZ^T @ x: row j sums rows of x weighted by dZ[:, j] */
+    for (int64_t j = 0; j < out && rows > 1; j++)
         for (int64_t p0 = 0; p0 < in; p0 += VL) {
             const int64_t cnt = in - p0 < VL ? in - p0 : VL;
             VEC acc = V_(vbcast)(0);
