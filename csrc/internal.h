@@ -27,6 +27,8 @@ typedef struct {
     const void *input, *target; /* rows x in_features; rows targets */
     void *const *outs;          /* per op: rows x out_features */
     void *grad_a, *grad_b;      /* rows x max_width each */
+    /* outs, grad_a and grad_b have a vector of slack after them (train.c's activation_bytes):
+     * the step reads and writes whole vectors that run past a row's end */
 } fbp_small_net;
 
 /* One table of kernels per ISA and dtype; each kernel object defines its two tables. */
