@@ -614,9 +614,8 @@ FBP_INLINE void LFN(direct_rows)(REAL *c, const REAL *a, const REAL *b, const RE
         VEC bv;
         if (cs_b == 1) {
             bv = V_(vload_n)(brow, cnt);
-        } else if (cnt == 1) { /* a gather of one lane is microcoded on Zen 2 */
-            bv = V_(vbcast)(0);
-            bv[0] = brow[0];
+        } else if (cnt == 1) {
+            bv = V_(vload_first)(brow);
         } else if (gather) {
             bv = V_(vgather_part)(brow, cs_b, cnt);
         } else {

@@ -40,6 +40,34 @@ typedef int64_t vi64 __attribute__((vector_size(FBP_VBYTES)));
 FBP_DEFINE_VEC_BASICS(vf32, vi32, float, f32)
 FBP_DEFINE_VEC_BASICS(vf64, vi64, double, f64)
 
+/* All-ones in lanes [0, n), zeros after (0 <= n <= lanes): the mask of a partial access, one
+ * compare against a constant lane index; and v with the lanes from n on cleared. */
+#define FBP_LANE_INDEX {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+#define FBP_DEFINE_VEC_MASK(V, I, E, SFX)                                                          \
+    FBP_INLINE I vfirst_mask_##SFX(int64_t n) {                                                    \
+        static const E lane_index[] = FBP_LANE_INDEX;                                              \
+        I lane;                                                                                    \
+        memcpy(&lane, lane_index, sizeof lane);                                                    \
+        return lane < (I){0} + (E)n;                                                               \
+    }                                                                                              \
+    FBP_INLINE V vkeep_first_##SFX(V v, int64_t n) { return (V)((I)v & vfirst_mask_##SFX(n)); }
+
+FBP_DEFINE_VEC_MASK(vf32, vi32, int32_t, f32)
+FBP_DEFINE_VEC_MASK(vf64, vi64, int64_t, f64)
+
+/* p[0] in lane 0, zeros after, as a scalar load (it zero-extends): a one-lane masked load or
+ * gather is microcoded on Zen 2, and a scalar load forwards from a recent store. */
+FBP_INLINE vf32 vload_first_f32(const float *p) {
+    vf32 v = vbcast_f32(0);
+    v[0] = p[0];
+    return v;
+}
+FBP_INLINE vf64 vload_first_f64(const double *p) {
+    vf64 v = vbcast_f64(0);
+    v[0] = p[0];
+    return v;
+}
+
 /* The first n (0 <= n <= lanes) lanes from p, zeros after, and the matching store: tails without
  * touching memory past the end. With AVX-512 or AVX2 these are masked moves (masked-off lanes
  * never fault). A lane loop compiled to a stack spill plus a `rep movs`, tens of cycles per
@@ -122,16 +150,8 @@ FBP_INLINE void vtranspose_f64(vf64 r[8]) {
 #define FBP_HAVE_VTRANSPOSE 1
 #elif FBP_VBYTES == 32 && defined(__AVX2__)
 #include <immintrin.h>
-FBP_INLINE __m256i vpart_mask32(int64_t n) {
-    const vi32 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    return (__m256i)(lane < (int32_t)n);
-}
-FBP_INLINE __m256i vpart_mask64(int64_t n) {
-    const vi64 lane = {0, 1, 2, 3};
-    return (__m256i)(lane < (int64_t)n);
-}
 FBP_INLINE vf32 vload_part_f32(const float *p, int64_t n) {
-    return (vf32)_mm256_maskload_ps(p, vpart_mask32(n));
+    return (vf32)_mm256_maskload_ps(p, (__m256i)vfirst_mask_f32(n));
 }
 /* AVX2's partial store goes in pieces of 4, 2 and 1 lanes rather than as a masked move: Zen 2
  * microcodes vmaskmovps to memory (a loop of them: 3.6 ns a store, a plain store 0.52 ns), and
@@ -156,7 +176,7 @@ FBP_INLINE void vstore_part_f32(float *p, vf32 v, int64_t n) {
     if (n & 1) _mm_store_ss(p, half);
 }
 FBP_INLINE vf64 vload_part_f64(const double *p, int64_t n) {
-    return (vf64)_mm256_maskload_pd(p, vpart_mask64(n));
+    return (vf64)_mm256_maskload_pd(p, (__m256i)vfirst_mask_f64(n));
 }
 FBP_INLINE void vstore_part_f64(double *p, vf64 v, int64_t n) {
     if (n >= 4) {
@@ -174,11 +194,13 @@ FBP_INLINE void vstore_part_f64(double *p, vf64 v, int64_t n) {
 FBP_INLINE vf32 vgather_part_f32(const float *p, int64_t s, int64_t n) {
     const __m256i idx =
         _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)s));
-    return (vf32)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, (__m256)vpart_mask32(n), 4);
+    return (vf32)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx,
+                                          (__m256)(__m256i)vfirst_mask_f32(n), 4);
 }
 FBP_INLINE vf64 vgather_part_f64(const double *p, int64_t s, int64_t n) {
     const __m128i idx = _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32((int)s));
-    return (vf64)_mm256_mask_i32gather_pd(_mm256_setzero_pd(), p, idx, (__m256d)vpart_mask64(n), 8);
+    return (vf64)_mm256_mask_i32gather_pd(_mm256_setzero_pd(), p, idx,
+                                          (__m256d)(__m256i)vfirst_mask_f64(n), 8);
 }
 #define FBP_HAVE_VGATHER 1
 #else

@@ -53,14 +53,8 @@ FBP_INLINE void LFN(small_store_ahead)(REAL *p, VEC v, int64_t cnt) {
  * caller's rows (input, target) and the parameters do not. */
 FBP_INLINE VEC LFN(small_load_ahead)(const REAL *p, int64_t cnt) {
     if (cnt == VL) return V_(vload)(p);
-    if (cnt == 1) {
-        VEC v = V_(vbcast)(0);
-        v[0] = p[0];
-        return v;
-    }
-    IVEC lane;
-    for (int i = 0; i < VL; i++) lane[i] = i;
-    return (VEC)((IVEC)V_(vload)(p) & (lane < (IVEC){0} + (int32_t)cnt));
+    if (cnt == 1) return V_(vload_first)(p);
+    return V_(vkeep_first)(V_(vload)(p), cnt);
 }
 
 /* Column p of W's rows [j0, j0 + cnt): W[j0 + l][p] in lane l, zeros after. W (out x in) is
