@@ -261,9 +261,19 @@ def test_k_zero_is_epilogue_only(isa, dtype, activation, m, n):
 
 # ---- alpha, beta, bias and the fused activation ------------------------------------------------
 
-# (33, 7, 1) and (257, 33, 1): one output column (a regression head), whose direct path takes
-# eight rows at a time and the rest in fours and ones
-EPILOGUE_SHAPES = [(7, 7, 7), (33, 7, 1), (257, 33, 1), (33, 300, 33), (150, 513, 40), (3, 5, 4100)]
+# One output column (a regression head): (33, 7, 1) and (257, 33, 1) take the direct path's
+# eight-row passes and the rest in fours and ones, (1030, 100, 1) the direct path above the small
+# products' limit (one column, one K block), (300, 300, 1) the packed path (two K blocks)
+EPILOGUE_SHAPES = [
+    (7, 7, 7),
+    (33, 7, 1),
+    (257, 33, 1),
+    (1030, 100, 1),
+    (300, 300, 1),
+    (33, 300, 33),
+    (150, 513, 40),
+    (3, 5, 4100),
+]
 # (alpha, beta): exactly representable in float32, so the reference needs no rounding of them.
 SCALINGS = [(1.0, 0.0), (1.5, 0.0), (-0.75, 0.5), (2.0, -1.25)]
 
