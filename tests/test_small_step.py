@@ -174,10 +174,15 @@ def test_fit_in_order_equals_train_step_on_each_batch(dtype, sizes, acts, loss):
 
 @pytest.mark.parametrize("opt_name", ["sgd", "sgd-dampening", "adam", "adamw"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_every_optimizer_and_no_bias(isa, dtype, opt_name, bias):
-    sizes, acts = (5, 12, 6, 3), ["tanh"]
-    fused = train(True, sizes, acts, dtype, "mse", opt_name, 4, 30, bias=bias)
-    walk = train(False, sizes, acts, dtype, "mse", opt_name, 4, 30, bias=bias)
+@pytest.mark.parametrize(
+    "sizes,batch_size",
+    [((5, 12, 6, 3), 4), ((3, 2, 1), 1)],  # the second: a batch of one in registers (small.c)
+    ids=["5-12-6-3-batch-4", "3-2-1-batch-1"],
+)
+def test_every_optimizer_and_no_bias(isa, dtype, opt_name, bias, sizes, batch_size):
+    acts = ["tanh"]
+    fused = train(True, sizes, acts, dtype, "mse", opt_name, batch_size, 30, bias=bias)
+    walk = train(False, sizes, acts, dtype, "mse", opt_name, batch_size, 30, bias=bias)
     assert fused[4]
     assert_same(fused, walk)
 
