@@ -71,6 +71,15 @@ enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GE
  * least GEMM_DACT_SHALLOW_BYTES (see there). */
 #define GEMM_DACT_MIN_K 32
 #define GEMM_DACT_SHALLOW_BYTES (512 * 1024)
+/* A transposed A is read in place (not packed) while its row stride in bytes times the B
+ * slivers that reuse each of its slivers is at most this. Packing copied every value the tiles
+ * multiply, the whole cost for a weight gradient of few outputs or inputs over a long batch:
+ * in place (tools/gemm_ab.py, AVX-512, same bits) float32 64x16x512 1.20x, 100x13x512 1.24x,
+ * 160x32x512 1.37x, 256x16x512 1.26x, 64x64x512 1.16x, 200x64x512 1.18x, 100x100x512 1.05x,
+ * 128x128x128 1.01x; float64 64x16x512 1.34x, 256x13x512 1.35x, 64x64x512 1.06x. Past it, the
+ * strided columns cost more than the copy: 256x100x256 1.00x, 128x256x128 0.98x, 512x128x512
+ * 0.92x, 1024x16x512 0.87x, 256x784x128 (W3's first weight gradient) 0.83x. */
+#define GEMM_A_COLUMNS_MAX_BYTES 2048
 /* A thread is worth starting for this many multiply-adds (~5 us of one core's work). */
 #define GEMM_THREAD_GRAIN_MACS (1 << 19)
 /* The largest one-column product the direct path takes: the packed path would run it on at
@@ -737,6 +746,13 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
     const size_t a_row_bytes = (size_t)rs_a * sizeof(REAL);
     const int direct_a = GEMM_A_OUTER && cs_a == 1 && (a_row_bytes % 4096 != 0 || a_used_once) &&
                          a_row_bytes < 16384 && !a_idx;
+    /* A transposed A (dZ.T in a weight gradient: a sliver's column p is MR consecutive values
+     * of dZ's row p) is read in place too, column by column, when the rows it crosses are short
+     * and few B slivers reuse it (see GEMM_A_COLUMNS_MAX_BYTES). Its tiles go through the edge
+     * kernel, which takes any A strides; the same FMAs in the same order, so the same bits. */
+    const int direct_at =
+        GEMM_A_OUTER && rs_a == 1 && cs_a != 1 && !a_idx && !a_finite &&
+        (double)cs_a * sizeof(REAL) * (double)((n + NR - 1) / NR) <= GEMM_A_COLUMNS_MAX_BYTES;
     /* An indexed A's whole slivers are copied as rows (row stride kc) into the packing buffer
      * and read like an in-place A: the copy reads the rows through the index as packing does,
      * without its transposes (kc * 4 bytes, at most KC's, is never a multiple of 4 KiB). */
@@ -779,7 +795,8 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                     const int64_t mc = min_i64(MC, m - ic);
                     const int64_t n_as = (mc + MR - 1) / MR;
                     for (int64_t s = 0; s < n_as; s++) {
-                        if (direct_a && (s + 1) * MR <= mc) continue; /* read in place */
+                        if ((direct_a || direct_at) && (s + 1) * MR <= mc)
+                            continue; /* read in place */
                         if (a_rows_copied && (s + 1) * MR <= mc) {
                             for (int64_t r = 0; r < MR; r++)
                                 memcpy(packed_a + s * MR * kc + r * kc,
@@ -838,8 +855,10 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                             }
                             const int a_copied = a_rows_copied && (ir + 1) * MR <= mc;
                             const int a_in_place = (direct_a && (ir + 1) * MR <= mc) || a_copied;
-                            const REAL *pa = a_in_place && !a_copied ? a + i * rs_a + pc
-                                                                     : packed_a + ir * MR * kc;
+                            const int a_columns = direct_at && (ir + 1) * MR <= mc;
+                            const REAL *pa = a_columns                 ? a + i + pc * cs_a
+                                             : a_in_place && !a_copied ? a + i * rs_a + pc
+                                                                       : packed_a + ir * MR * kc;
                             const int64_t a_rs = a_copied ? kc : a_in_place ? rs_a : 0;
                             const int b_in_place = direct_b && (jr + 1) * NR <= nc;
                             const REAL *pb =
@@ -854,19 +873,21 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
                                 !(a_in_place ? LFN(block_finite)(pa, a_rs, rows, kc)
                                              : LFN(block_finite)(pa, 0, 1, MR * kc)))
                                 __atomic_store_n(a_finite, 0, __ATOMIC_RELAXED);
-                            if (rows == MR && cols == NR && dact && last) {
+                            if (rows == MR && cols == NR && dact && last && !a_columns) {
                                 LFN(full_tile_dact)(c + i * ldc + j, ldc, pa, a_rs, pb, ldb, kc,
                                                     first, dact->y + i * dact->ldy + j, dact->ldy,
                                                     dact->dbias ? dact->dbias + j : NULL,
                                                     dact->act);
                                 continue;
                             }
-                            if (rows == MR && cols == NR) {
+                            if (rows == MR && cols == NR && !a_columns) {
                                 LFN(full_tile)(ct, ldt, pa, a_rs, pb, ldb, kc, bias_j, alpha, beta,
                                                first, last, act);
                                 continue;
                             }
-                            if (a_in_place)
+                            if (a_columns)
+                                LFN(edge_kernel)(acc, pa, 1, cs_a, pb, kc, ldb, MR, cols);
+                            else if (a_in_place)
                                 LFN(edge_kernel)(acc, pa, a_rs, 1, pb, kc, ldb, MR, cols);
                             else
                                 LFN(edge_kernel)(acc, pa, 1, MR, pb, kc, ldb, rows, cols);

@@ -485,6 +485,40 @@ def test_edge_narrow_and_in_place_variants_give_the_same_bits(isa, dtype, trans_
                 assert got.tobytes() == want.tobytes(), (rows, cols, packed)
 
 
+# (m, n, k) around the AVX-512 rule that reads a transposed A in place (its row stride in bytes
+# times the B slivers reusing it at most 2048): in place in float32 up to 512 x 16 (exactly at
+# the limit) and 64 x 100, packed at 300 x 200 (and 512 x 16 in float64); full and ragged A
+# slivers (37, 100, 160 rows), one B sliver, a full one (32) and several, one to four K blocks.
+TRANSPOSED_A_SHAPES = [
+    (12, 16, 512),
+    (37, 32, 300),
+    (64, 16, 1000),
+    (100, 13, 512),
+    (64, 100, 257),
+    (160, 33, 512),
+    (300, 200, 129),
+    (512, 16, 300),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), TRANSPOSED_A_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_transposed_a_read_in_place_gives_the_row_major_bits(isa, dtype, activation, m, n, k):
+    """A weight gradient's dZ.T, read in place column by column (short rows, few B slivers)
+    or packed, sums every element as the same product with A row-major does, on one thread and
+    two, with the epilogue; and is right against the float64 reference."""
+    a, b = operands(m, k, n, dtype, "transposed-a")
+    a_t = np.ascontiguousarray(a.T)  # (k, m): op(a_t) with trans_a is a
+    bias = rng_for("transposed-a-bias", n).standard_normal(n).astype(dtype)
+    for threads in (1, 2):
+        with using_threads(threads):
+            got = ops.gemm(a_t, b, trans_a=True, bias=bias, activation=activation)
+            want = ops.gemm(a, b, bias=bias, activation=activation)
+            plain = ops.gemm(a_t, b, trans_a=True)
+        assert got.tobytes() == want.tobytes(), threads
+    assert_within(plain, f64(a) @ f64(b), product_bound(a, b, dtype), "transposed A")
+
+
 # ---- threads and determinism ------------------------------------------------------------------
 
 # (m, k, n, trans_a, trans_b): a square product, the MLP's layer-1 forward x @ w.T, its weight
