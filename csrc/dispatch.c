@@ -123,6 +123,16 @@ void fbp_set_flush_denormal(int on) {
 
 int fbp_get_flush_denormal(void) { return __atomic_load_n(&flush_denormal, __ATOMIC_RELAXED); }
 
+static int transposed_a_paths = 1;
+
+void fbp_set_transposed_a_paths(int on) {
+    __atomic_store_n(&transposed_a_paths, on != 0, __ATOMIC_RELAXED);
+}
+
+int fbp_get_transposed_a_paths(void) {
+    return __atomic_load_n(&transposed_a_paths, __ATOMIC_RELAXED);
+}
+
 int fbp_team_size(int64_t work, int64_t grain) {
     int64_t useful = grain > 0 ? work / grain : work;
     /* before asking OpenMP anything: a tiny network's step makes a dozen of these calls */

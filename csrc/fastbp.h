@@ -162,6 +162,10 @@ void fbp_set_indexed_batches(int on);
  * the epilogue of their gradient's product (same bits). 0 runs the products and then one update
  * pass, for tests that compare the two. */
 void fbp_set_update_fusion(int on);
+/* The GEMM reads a transposed A (a weight gradient's dZ.T) in place when its rows are short,
+ * and computes a narrow C with such an A as its transpose (same bits). 0 packs every
+ * transposed A, for tests that compare the two. */
+void fbp_set_transposed_a_paths(int on);
 /* Whether a training step of `batch` rows runs that kernel: every op Linear with at most 256
  * weights, batch x the largest layer's weights within the GEMM's direct path, not turned off. */
 int fbp_plan_small_step_applies(const fbp_plan *plan, int64_t batch);

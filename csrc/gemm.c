@@ -32,7 +32,7 @@
  * the L2 with the 1.4 MB B panel; 1024^3 1.3-2.9% faster at one thread and 1.6-3.3% at two,
  * 2048^3 1.4%, float64 1024^3 0.6-1.5%; 24 and 48 rows gained less; W3's and W4's epochs level
  * (C harness and interleaved fits). */
-enum { GEMM_A_OUTER = 1 };
+enum { GEMM_A_OUTER = 1, GEMM_TRANSPOSED_ROUTE = 1 };
 enum { GEMM_MR_f32 = 12, GEMM_NV_f32 = 2, GEMM_MC_f32 = 12, GEMM_KC_f32 = 384, GEMM_NC_f32 = 1024 };
 /* float64: the same bytes as float32's (an 18 KiB A sliver, a 1.5 MB B panel), so half the K
  * depth. It was KC 256 x NC 512 (1 MB): 1024^3 81-87 -> 88-95 GFLOP/s, 256 x 1024 x 1024
@@ -42,12 +42,12 @@ enum { GEMM_MR_f64 = 12, GEMM_NV_f64 = 2, GEMM_MC_f64 = 12, GEMM_KC_f64 = 192, G
 #elif defined(FBP_BUILD_AVX2)
 /* 16 ymm registers: 6 x 2 accumulators + 2 B vectors + 1 broadcast. The B sliver (KC x 16, 24 KiB)
  * stays in L1 while A slivers stream from the L2-resident A block. */
-enum { GEMM_A_OUTER = 0 };
+enum { GEMM_A_OUTER = 0, GEMM_TRANSPOSED_ROUTE = 0 };
 enum { GEMM_MR_f32 = 6, GEMM_NV_f32 = 2, GEMM_MC_f32 = 144, GEMM_KC_f32 = 384, GEMM_NC_f32 = 4080 };
 enum { GEMM_MR_f64 = 6, GEMM_NV_f64 = 2, GEMM_MC_f64 = 72, GEMM_KC_f64 = 256, GEMM_NC_f64 = 4080 };
 #else
 /* Baseline x86-64 (SSE2, 16 xmm) or any other CPU: 4 x 2 accumulators of 16 bytes. */
-enum { GEMM_A_OUTER = 0 };
+enum { GEMM_A_OUTER = 0, GEMM_TRANSPOSED_ROUTE = 0 };
 enum { GEMM_MR_f32 = 4, GEMM_NV_f32 = 2, GEMM_MC_f32 = 128, GEMM_KC_f32 = 256, GEMM_NC_f32 = 4096 };
 enum { GEMM_MR_f64 = 4, GEMM_NV_f64 = 2, GEMM_MC_f64 = 64, GEMM_KC_f64 = 256, GEMM_NC_f64 = 4096 };
 #endif
@@ -752,6 +752,7 @@ static void LFN(gemm_blocked)(REAL *c, const REAL *a, const REAL *b, const REAL 
      * kernel, which takes any A strides; the same FMAs in the same order, so the same bits. */
     const int direct_at =
         GEMM_A_OUTER && rs_a == 1 && cs_a != 1 && !a_idx && !a_finite &&
+        fbp_get_transposed_a_paths() &&
         (double)cs_a * sizeof(REAL) * (double)((n + NR - 1) / NR) <= GEMM_A_COLUMNS_MAX_BYTES;
     /* An indexed A's whole slivers are copied as rows (row stride kc) into the packing buffer
      * and read like an in-place A: the copy reads the rows through the index as packing does,
@@ -1010,6 +1011,52 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
                                 fbp_activation act, const LFN(dact) * dact, const LFN(sgd) * sgd,
                                 int *a_finite, const LFN(rows) * through);
 
+/* C = alpha A' B + beta C (+ the SGD epilogue) for a transposed A' (rs_a = 1) and a narrow C
+ * (at most 3/4 of NR columns, at least NR rows: the weight gradient dZ.T X of a layer with few
+ * inputs), computed as its transpose C' = B'^T A'^T in this thread's second scratch buffer,
+ * then transposed back. C's tiles were one vector wide (or two, the second part empty), each
+ * FMA under a broadcast load of A with only n of its lanes live; C''s are whole NR-wide tiles
+ * of A's contiguous rows. tools/gemm_ab.py, AVX-512, same bits: float32 64x1x2048 4.1x,
+ * 128x2x512 3.1x, 128x4x512 2.9x, 32x8x256 1.44x, 64x12x512 1.9x, 64x16x512 1.24x,
+ * 256x16x512 1.21x, 64x20x128 1.19x, 64x24x512 1.35x, 64x26x512 1.15x, 64x28x512 1.03x,
+ * 64x31x256 0.98x (hence the 3/4), 100x13x512 1.00x; float64 64x4x512 1.95x, 64x8x512 1.44x,
+ * 64x12x512 1.55x; two threads 256x16x512 1.22x, 128x4x2048 3.4x. Every element is the same K
+ * terms in the same blocks and order, each one FMA, and the same epilogue, so the same bits;
+ * beta's old C goes into C' first, and the update runs on C once it is final. */
+static fbp_status LFN(gemm_transposed)(REAL *c, const REAL *a, const REAL *b, const int64_t *b_idx,
+                                       int64_t m, int64_t n, int64_t k, int64_t cs_a, int64_t rs_b,
+                                       int64_t cs_b, int64_t ldc, REAL alpha, REAL beta,
+                                       const LFN(sgd) * sgd) {
+    const int64_t ldt = round_up(m, VL); /* C' rows start on vector boundaries */
+    const size_t ct_bytes = (size_t)round_up(n * ldt * (int64_t)sizeof(REAL), FBP_ALIGN);
+    /* an indexed B (fit's shuffled batch in a first layer's weight gradient) is gathered first,
+     * its rows copied as the packing it replaces copied them */
+    const size_t gathered_bytes = b_idx ? (size_t)(k * n) * sizeof(REAL) : 0;
+    char *scratch = fbp_scratch_aux(ct_bytes + gathered_bytes);
+    if (!scratch) return FBP_ERR_NOMEM;
+    REAL *ct = (REAL *)scratch;
+    if (b_idx) {
+        REAL *rows = (REAL *)(scratch + ct_bytes);
+        for (int64_t p = 0; p < k; p++)
+            memcpy(rows + p * n, b + b_idx[p] * rs_b, (size_t)n * sizeof(REAL));
+        b = rows;
+        rs_b = n;
+        cs_b = 1;
+    }
+    if (beta != 0)
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) ct[j * ldt + i] = c[i * ldc + j];
+    /* C'[j][i] = sum_p B'[p][j] A'[i][p]: B'^T is (n x k) at strides (cs_b, rs_b), A'^T is
+     * (k x m) at (cs_a, 1) */
+    const fbp_status st = LFN(gemm_any)(ct, b, a, NULL, n, m, k, cs_b, rs_b, cs_a, 1, ldt, alpha,
+                                        beta, FBP_ACT_IDENTITY, NULL, NULL, NULL, NULL);
+    if (st != FBP_OK) return st;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) c[i * ldc + j] = ct[j * ldt + i];
+    if (sgd) LFN(sgd_block)(sgd, c, ldc, ldc, 0, m, 0, n);
+    return FBP_OK;
+}
+
 /* The micro-kernel's arithmetic alone: its MR * NV accumulators, each a chain of iters
  * multiply-adds (no loads), on each of `threads` threads at once. What the GEMM's inner loop
  * could reach with its operands free, for the benchmark report's "of FMA peak": the machine's
@@ -1138,6 +1185,11 @@ static fbp_status LFN(gemm_any)(REAL *c, const REAL *a, const REAL *b, const REA
         if (sgd) LFN(sgd_block)(sgd, c, ldc, ldc, 0, m, 0, n);
         return FBP_OK;
     }
+    if (GEMM_TRANSPOSED_ROUTE && rs_a == 1 && cs_a != 1 && 4 * n <= 3 * NR && m >= NR && !bias &&
+        fbp_get_transposed_a_paths() && act == FBP_ACT_IDENTITY && !dact && !a_finite &&
+        (!through || !through->a))
+        return LFN(gemm_transposed)(c, a, b, through ? through->b : NULL, m, n, k, cs_a, rs_b, cs_b,
+                                    ldc, alpha, beta, sgd);
     const int64_t kc_max = min_i64(LFN(balanced_kc)(k), k);
     const size_t b_bytes =
         (size_t)round_up(kc_max * round_up(min_i64(NC, n), NR) * (int64_t)sizeof(REAL), FBP_ALIGN);

@@ -176,7 +176,13 @@ static inline void fbp_fp_restore(unsigned saved) { (void)saved; }
 /* A 64-byte aligned scratch buffer owned by the calling thread, grown on demand and reused,
  * so kernels do not allocate per call. Returns NULL when the allocation fails. The pointer is
  * valid until the same thread asks again. */
+/* fbp_set_transposed_a_paths' setting. */
+int fbp_get_transposed_a_paths(void);
+
 void *fbp_scratch(size_t bytes);
+/* A second such buffer, for a kernel that holds one result while calling a kernel that uses
+ * the first (the GEMM's transposed route). */
+void *fbp_scratch_aux(size_t bytes);
 
 #define FBP_ALIGN 64
 

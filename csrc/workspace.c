@@ -6,8 +6,8 @@
 #include "internal.h"
 
 typedef struct {
-    void *ptr;
-    size_t bytes;
+    void *ptr, *aux;
+    size_t bytes, aux_bytes;
 } scratch_slot;
 
 static pthread_key_t scratch_key;
@@ -17,6 +17,7 @@ static int scratch_key_ok;
 static void scratch_free(void *p) {
     scratch_slot *slot = p;
     free(slot->ptr);
+    free(slot->aux);
     free(slot);
 }
 
@@ -24,7 +25,8 @@ static void scratch_init(void) {
     scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
 }
 
-void *fbp_scratch(size_t bytes) {
+/* The calling thread's slot, created on first use; NULL when that fails. */
+static scratch_slot *thread_slot(void) {
     pthread_once(&scratch_once, scratch_init);
     if (!scratch_key_ok) return NULL;
     scratch_slot *slot = pthread_getspecific(scratch_key);
@@ -36,13 +38,28 @@ void *fbp_scratch(size_t bytes) {
             return NULL;
         }
     }
-    if (slot->bytes < bytes) {
+    return slot;
+}
+
+/* *ptr grown to at least bytes (64-byte aligned; the old contents are dropped). */
+static void *grow(void **ptr, size_t *have, size_t bytes) {
+    if (*have < bytes) {
         size_t want = (bytes + FBP_ALIGN - 1) / FBP_ALIGN * FBP_ALIGN;
         void *p = NULL;
         if (posix_memalign(&p, FBP_ALIGN, want) != 0) return NULL;
-        free(slot->ptr);
-        slot->ptr = p;
-        slot->bytes = want;
+        free(*ptr);
+        *ptr = p;
+        *have = want;
     }
-    return slot->ptr;
+    return *ptr;
+}
+
+void *fbp_scratch(size_t bytes) {
+    scratch_slot *slot = thread_slot();
+    return slot ? grow(&slot->ptr, &slot->bytes, bytes) : NULL;
+}
+
+void *fbp_scratch_aux(size_t bytes) {
+    scratch_slot *slot = thread_slot();
+    return slot ? grow(&slot->aux, &slot->aux_bytes, bytes) : NULL;
 }

@@ -485,37 +485,48 @@ def test_edge_narrow_and_in_place_variants_give_the_same_bits(isa, dtype, trans_
                 assert got.tobytes() == want.tobytes(), (rows, cols, packed)
 
 
-# (m, n, k) around the AVX-512 rule that reads a transposed A in place (its row stride in bytes
-# times the B slivers reusing it at most 2048): in place in float32 up to 512 x 16 (exactly at
-# the limit) and 64 x 100, packed at 300 x 200 (and 512 x 16 in float64); full and ragged A
-# slivers (37, 100, 160 rows), one B sliver, a full one (32) and several, one to four K blocks.
+# (m, n, k) for a transposed A (a weight gradient's dZ.T) on AVX-512. A narrow C (at most 3/4 of
+# NR columns, at least NR rows) is computed as its transpose (gemm_transposed): 64 x 1, 32 x 4,
+# 100 x 13, 64 x 24 (float32's limit); 64 x 25 and 31 x 8 are not. Otherwise A is read in place
+# while its row stride in bytes times the B slivers reusing it is at most 2048: in float32 up to
+# 64 x 100 and 512 x 32 (exactly at the limit), packed at 300 x 200 (and 512 x 32 in float64).
+# Full and ragged A slivers, one B sliver, a full one and several, one to four K blocks.
 TRANSPOSED_A_SHAPES = [
+    (64, 1, 600),
+    (32, 4, 300),
+    (100, 13, 512),
+    (64, 24, 257),
+    (64, 25, 129),
+    (31, 8, 512),
     (12, 16, 512),
     (37, 32, 300),
-    (64, 16, 1000),
-    (100, 13, 512),
     (64, 100, 257),
     (160, 33, 512),
     (300, 200, 129),
-    (512, 16, 300),
+    (512, 32, 300),
 ]
 
 
 @pytest.mark.parametrize(("m", "n", "k"), TRANSPOSED_A_SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_transposed_a_read_in_place_gives_the_row_major_bits(isa, dtype, activation, m, n, k):
-    """A weight gradient's dZ.T, read in place column by column (short rows, few B slivers)
-    or packed, sums every element as the same product with A row-major does, on one thread and
-    two, with the epilogue; and is right against the float64 reference."""
+def test_transposed_a_gives_the_row_major_bits(isa, dtype, activation, m, n, k):
+    """A weight gradient's dZ.T, read in place column by column, packed, or with C computed as
+    its transpose, sums every element as the same product with A row-major does, on one thread
+    and two, with the epilogue and with alpha and beta; and is right against the float64
+    reference."""
     a, b = operands(m, k, n, dtype, "transposed-a")
     a_t = np.ascontiguousarray(a.T)  # (k, m): op(a_t) with trans_a is a
     bias = rng_for("transposed-a-bias", n).standard_normal(n).astype(dtype)
+    old = rng_for("transposed-a-out", m, n).standard_normal((m, n)).astype(dtype)
     for threads in (1, 2):
         with using_threads(threads):
             got = ops.gemm(a_t, b, trans_a=True, bias=bias, activation=activation)
             want = ops.gemm(a, b, bias=bias, activation=activation)
+            scaled = ops.gemm(a_t, b, trans_a=True, alpha=1.5, beta=0.5, out=old.copy())
+            scaled_want = ops.gemm(a, b, alpha=1.5, beta=0.5, out=old.copy())
             plain = ops.gemm(a_t, b, trans_a=True)
         assert got.tobytes() == want.tobytes(), threads
+        assert scaled.tobytes() == scaled_want.tobytes(), threads
     assert_within(plain, f64(a) @ f64(b), product_bound(a, b, dtype), "transposed A")
 
 

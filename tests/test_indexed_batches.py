@@ -37,6 +37,9 @@ NETS = [
     ((64, 48, 10), "relu", 0.0, "cross_entropy"),
     ((40, 96, 3), "tanh", 0.2, "mse"),  # dropout after the first layer; a ragged A and B
     ((33, 257, 7, 2), "sigmoid", 0.0, "cross_entropy"),  # odd widths: ragged slivers
+    # few inputs: the weight gradient is computed as its transpose, X's rows gathered first
+    ((13, 100, 1), "relu", 0.0, "mse"),
+    ((8, 160, 3), "tanh", 0.0, "cross_entropy"),
 ]
 
 

@@ -52,6 +52,7 @@ cdef extern from "fastbp.h" nogil:
     void fbp_set_dact_fusion(int on)
     void fbp_set_indexed_batches(int on)
     void fbp_set_update_fusion(int on)
+    void fbp_set_transposed_a_paths(int on)
 
     fbp_status fbp_gemm_f32(float *c, const float *a, const float *b, const float *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, float alpha, float beta, fbp_activation act)
     fbp_status fbp_gemm_f64(double *c, const double *a, const double *b, const double *bias, int64_t m, int64_t n, int64_t k, int64_t rs_a, int64_t cs_a, int64_t rs_b, int64_t cs_b, int64_t ldc, double alpha, double beta, fbp_activation act)
@@ -223,6 +224,13 @@ def _set_indexed_batches(bint on):
     the first Linear's products reading its rows of X through the order; both give the same
     bits."""
     fbp_set_indexed_batches(on)
+
+
+def _set_transposed_a_paths(bint on):
+    """Testing hook: False packs every transposed A of the GEMM (a weight gradient's dZ.T),
+    instead of reading short rows in place and computing a narrow C as its transpose; both give
+    the same bits."""
+    fbp_set_transposed_a_paths(on)
 
 
 def _set_update_fusion(bint on):

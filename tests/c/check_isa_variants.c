@@ -21,6 +21,7 @@ int fbp_team_size(int64_t w, int64_t g) {
 }
 int fbp_get_num_threads(void) { return 2; } /* the GEMM's cross-core prefetch: exercise it */
 int fbp_get_flush_denormal(void) { return 1; }
+int fbp_get_transposed_a_paths(void) { return 1; }
 /* The fused small-network step calls the losses through dispatch.c's forwarders, which this
  * checker does not link: forward them to the generic tables (the checker never calls them). */
 fbp_status fbp_mse_f32(double *l, float *d, const float *p, const float *t, int64_t n, double s) {
@@ -38,15 +39,24 @@ fbp_status fbp_softmax_xent_f64(double *l, double *g, const double *x, const int
                                 int64_t c, double s) {
     return fbp_table_f64_generic.softmax_xent(l, g, x, y, r, c, s);
 }
+static void *grow(void **p, size_t *s, size_t b) {
+    if (b > *s) {
+        free(*p);
+        *s = 0;
+        if (posix_memalign(p, 64, b)) return *p = 0;
+        *s = b;
+    }
+    return *p;
+}
 void *fbp_scratch(size_t b) {
     static __thread void *p;
     static __thread size_t s;
-    if (b > s) {
-        free(p);
-        if (posix_memalign(&p, 64, b)) return 0;
-        s = b;
-    }
-    return p;
+    return grow(&p, &s, b);
+}
+void *fbp_scratch_aux(size_t b) {
+    static __thread void *p;
+    static __thread size_t s;
+    return grow(&p, &s, b);
 }
 static double act(double x, int a) {
     if (a == 1) return 1 / (1 + exp(-x));
@@ -72,6 +82,8 @@ static double rnd(void) {
         for (long i = 0; i < n; i++) bias[i] = (T)rnd();                                           \
         for (long i = 0; i < (long)m * n; i++) c[i] = (T)rnd();                                    \
         long rsa = ta ? 1 : k, csa = ta ? m : 1, rsb = tb ? 1 : n, csb = tb ? k : 1;               \
+        /* a transposed A without bias or activation: a weight gradient (the transposed route) */  \
+        const int with_bias = !(ta && ac == 0);                                                    \
         for (long i = 0; i < m; i++)                                                               \
             for (long j = 0; j < n; j++) {                                                         \
                 double s = 0, sa = 0;                                                              \
@@ -80,14 +92,15 @@ static double rnd(void) {
                     s += t;                                                                        \
                     sa += fabs(t);                                                                 \
                 }                                                                                  \
-                double z = 0.5 * s + 0.25 * (double)c[i * n + j] + (double)bias[j];                \
+                const double bj = with_bias ? (double)bias[j] : 0.0;                               \
+                double z = 0.5 * s + 0.25 * (double)c[i * n + j] + bj;                             \
                 ref[i * n + j] = act(z, ac);                                                       \
                 bound[i * n + j] =                                                                 \
-                    (k + 8) * EPS * (0.5 * sa + 0.25 * fabs(c[i * n + j]) + fabs(bias[j])) +       \
+                    (k + 8) * EPS * (0.5 * sa + 0.25 * fabs(c[i * n + j]) + fabs(bj)) +            \
                     8 * EPS * fabs(ref[i * n + j]) + 1e-300;                                       \
             }                                                                                      \
-        fbp_status s_ =                                                                            \
-            TABLE.gemm(c, a, b, bias, m, n, k, rsa, csa, rsb, csb, n, (T)0.5, (T)0.25, ac);        \
+        fbp_status s_ = TABLE.gemm(c, a, b, with_bias ? bias : NULL, m, n, k, rsa, csa, rsb, csb,  \
+                                   n, (T)0.5, (T)0.25, ac);                                        \
         long badc = 0;                                                                             \
         for (long i = 0; i < (long)m * n; i++)                                                     \
             if (!(fabs(c[i] - ref[i]) <= bound[i])) badc++;                                        \
@@ -143,7 +156,7 @@ int main(void) {
     int shapes[][3] = {{1, 1, 1},       {3, 5, 2},      {7, 33, 257},   {13, 17, 19},
                        {25, 40, 30},    {150, 40, 513}, {128, 10, 128}, {10, 128, 128},
                        {128, 256, 784}, {37, 70, 129},  {12, 32, 16},   {24, 64, 48},
-                       {5, 4100, 3}};
+                       {5, 4100, 3},    {64, 16, 600},  {40, 3, 300},   {33, 24, 129}};
     for (unsigned si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
         for (int ta = 0; ta < 2; ta++)
             for (int tb = 0; tb < 2; tb++)
