@@ -485,6 +485,30 @@ def test_edge_narrow_and_in_place_variants_give_the_same_bits(isa, dtype, trans_
                 assert got.tobytes() == want.tobytes(), (rows, cols, packed)
 
 
+@pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_one_column_row_blocks_give_each_rows_bits(isa, dtype, trans_b, activation):
+    """A one-column product (a one-output layer's forward x @ w.T) takes a vector's worth of rows
+    at a time through an in-register transpose: each row comes out as the same row computed
+    alone (the one-lane kernel) does, with bias and the activation, beta 0 and 1 (a gradient
+    added to), and with alpha and beta free (which keep the one-lane kernel); K a multiple of
+    the vector, with a tail, shorter than one; rows a multiple, with ragged rows after."""
+    rng = rng_for("one-column", np.dtype(dtype).name, trans_b, activation)
+    for m, k in [(16, 7), (37, 64), (100, 190), (64, 17)]:  # k within every KC: one K block
+        a = rng.standard_normal((m, k)).astype(dtype)
+        w = rng.standard_normal((1, k)).astype(dtype)
+        b_arg = w if trans_b else np.ascontiguousarray(w.T)
+        bias = rng.standard_normal(1).astype(dtype)
+        old = rng.standard_normal((m, 1)).astype(dtype)
+        for alpha, beta in ((1.0, 0.0), (1.0, 1.0), (1.5, 0.5)):
+            kwargs = dict(trans_b=trans_b, alpha=alpha, beta=beta, bias=bias, activation=activation)
+            got = ops.gemm(a, b_arg, out=old.copy(), **kwargs)
+            for i in range(m):
+                alone = ops.gemm(a[i : i + 1], b_arg, out=old[i : i + 1].copy(), **kwargs)
+                assert alone.tobytes() == got[i : i + 1].tobytes(), (m, k, alpha, beta, i)
+            check_gemm(a, w.T, dtype, f"{m}x1x{k} {alpha} {beta}", c=old, out=old.copy(), **kwargs)
+
+
 # (m, n, k) for a transposed A (a weight gradient's dZ.T) on AVX-512. A narrow C (at most 3/4 of
 # NR columns, at least NR rows) is computed as its transpose (gemm_transposed): 64 x 1, 32 x 4,
 # 100 x 13, 64 x 24 (float32's limit); 64 x 25 and 31 x 8 are not. Otherwise A is read in place
