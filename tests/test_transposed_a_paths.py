@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import fastbp
-from fastbp import _core, optim
+from fastbp import _core
 
-from .conftest import switched, using_threads
+from .conftest import assert_same_training, switched, training_result, using_threads
+from .test_indexed_batches import make_optimizer  # SGD (fused update), momentum, Adam
 
 # (sizes, batch): the first layer's weight gradient is sizes[1] x sizes[0] over k = batch
 NETS = [
@@ -26,15 +27,6 @@ NETS = [
 ]
 
 
-def make_optimizer(name: str, model: fastbp.Sequential):
-    params = model.parameters()
-    if name == "sgd":  # the update runs in the weight-gradient products (fbp_gemm_sgd)
-        return optim.SGD(params, lr=0.02, weight_decay=1e-3)
-    if name == "momentum":
-        return optim.SGD(params, lr=0.02, momentum=0.9)
-    return optim.Adam(params, lr=0.01)
-
-
 def train(on: bool, sizes, batch, dtype, opt_name, shuffle):
     rng = np.random.default_rng(sum(sizes))
     n = 3 * batch + 5  # a short last batch
@@ -43,7 +35,7 @@ def train(on: bool, sizes, batch, dtype, opt_name, shuffle):
     model = fastbp.MLP(list(sizes), activation="tanh", seed=2, dtype=dtype)
     opt = make_optimizer(opt_name, model)
     with switched(_core._set_transposed_a_paths, on):
-        model.fit(
+        history = model.fit(
             X, y, loss="mse", optimizer=opt, epochs=2, batch_size=batch, shuffle=shuffle, seed=3
         )
         # the step API's backward adds to the gradients (beta = 1): twice, from zero
@@ -52,7 +44,7 @@ def train(on: bool, sizes, batch, dtype, opt_name, shuffle):
         for _ in range(2):
             model.forward(X[:batch])
             dx = model.backward(dy)
-    return model.state_dict(), [p.grad.copy() for p in model.parameters()], dx
+    return training_result(model, history.history["loss"]), dx
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -63,8 +55,5 @@ def test_training_gives_the_packed_paths_bits(isa, dtype, threads, opt_name, shu
     with using_threads(threads):
         fast = train(True, sizes, batch, dtype, opt_name, shuffle)
         packed = train(False, sizes, batch, dtype, opt_name, shuffle)
-    for key, value in packed[0].items():
-        np.testing.assert_array_equal(fast[0][key], value, err_msg=key, strict=True)
-    for got, want in zip(fast[1], packed[1], strict=True):
-        np.testing.assert_array_equal(got, want, strict=True)
-    np.testing.assert_array_equal(fast[2], packed[2], strict=True)
+    assert_same_training(fast[0], packed[0])
+    np.testing.assert_array_equal(fast[1], packed[1], strict=True)
